@@ -1,0 +1,28 @@
+# Two commands: `make train` and `make test`. Each creates .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# torch first (from the local wheel cache), deepspeed after it: deepspeed's sdist imports torch when it builds.
+TORCH  := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: train test bench setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/accelerate launch --config_file launch_configs/cpu.yaml recipes/image_classification.py \
+		--config recipes/configs/image_classification.yaml $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) outputs wandb

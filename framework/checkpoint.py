@@ -1,0 +1,99 @@
+"""Checkpoints around `accelerator.save_state` / `load_state`, written atomically.
+
+Layout: `output_dir/checkpoints/step_00000123/` holding accelerate's files plus a `COMPLETE` marker. A checkpoint
+is written to a hidden temporary directory, flushed to disk, marked, then renamed into place, so a crash while
+saving never leaves a half-written directory that `latest` would pick.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from framework.errors import ConfigError
+
+MARKER = "COMPLETE"
+_NAME = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_root(output_dir: str | os.PathLike) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, step: int, keep: int) -> Path:
+    """Save the full training state for `step` on every rank; keep the newest `keep` checkpoints. Returns the path."""
+    root = checkpoint_root(output_dir)
+    final = root / f"step_{step:08d}"
+    temporary = root / f".tmp_step_{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temporary))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _fsync_tree(temporary)
+        with open(temporary / MARKER, "w") as marker:
+            marker.write(f"{step}\n")
+            marker.flush()
+            os.fsync(marker.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(temporary, final)
+        _fsync_dir(root)
+        for old in completed_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def completed_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under output_dir, oldest first; incomplete ones are skipped with a warning."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _NAME.match(path.name)
+        if not match:
+            continue
+        if (path / MARKER).is_file():
+            found.append((int(match.group(1)), path))
+        else:
+            warnings.warn(f"skipping checkpoint {path}: it has no {MARKER} marker (the save was interrupted)")
+    return [path for _, path in sorted(found)]
+
+
+def resolve_resume(resume_from: str | None, output_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint to resume from: `latest` (None when there is none yet: a fresh start), or a checked path."""
+    if resume_from is None:
+        return None
+    if resume_from == "latest":
+        checkpoints = completed_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = Path(resume_from)
+    if not (path / MARKER).is_file():
+        raise ConfigError(
+            f"resume_from: {path} is not a complete checkpoint (no {MARKER} marker). "
+            f"Pass a directory under {checkpoint_root(output_dir)} or `latest`."
+        )
+    return path

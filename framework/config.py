@@ -1,0 +1,116 @@
+"""Recipe configs: one dataclass per recipe, read from YAML and the command line with jsonargparse.
+
+    python recipes/x.py --config recipes/configs/x.yaml --epochs 3 --optimizer.lr 0.1 --techniques.ema.decay 0.99
+
+Unknown keys and wrong types are refused with the key named (exit status 2); `--print_config` prints the resolved
+config as YAML, which `--config` reads back unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, TypeVar
+
+from framework.errors import ConfigError, FrameworkError
+
+C = TypeVar("C")
+
+
+@dataclass
+class TrainerConfig:
+    """The options every recipe has (its config dataclass inherits them)."""
+
+    output_dir: str = "outputs/run"
+    """Everything the run writes goes here: metrics.jsonl, summary.json, model.safetensors, checkpoints/, tracker files."""
+    epochs: int = 1
+    """Passes over the training data."""
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps (counted over the whole run), even mid-epoch."""
+    seed: int = 0
+    """Seeds python, numpy and torch on every rank, and the data order."""
+    tracker: Literal["wandb", "tensorboard", "none"] = "wandb"
+    """Experiment tracker. W&B runs offline (synced later with `wandb sync`) unless you are logged in."""
+    resume_from: Optional[str] = None
+    """A checkpoint directory, or `latest` for the newest complete one under output_dir/checkpoints."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step; gradients are not all-reduced on the micro-steps in between."""
+    log_every: int = 10
+    """Optimizer steps between log lines (each costs one host sync)."""
+    eval_every: int = 1
+    """Epochs between evaluations on the validation split (0: only at the end)."""
+    checkpoint_every: Optional[int] = None
+    """Also checkpoint every N optimizer steps (a checkpoint is always written at each epoch's end)."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
+    project: str = "framework"
+    """Tracker project name."""
+    run_name: Optional[str] = None
+    """Tracker run name (default: the output directory's name)."""
+    techniques: dict[str, Optional[dict[str, Any]]] = field(default_factory=dict)
+    """Techniques by registered name with their arguments, in hook order. `--techniques.NAME null` removes one."""
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "gradient_accumulation_steps", "log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps must be at least 1 (or null for no limit), got {self.max_steps}.")
+        if self.eval_every < 0:
+            raise ConfigError(f"eval_every must be 0 (only at the end) or more, got {self.eval_every}.")
+
+
+def parse_config(config_class: type[C], args: Sequence[str] | None = None) -> C:
+    """Parse `--config file.yaml` and dotted overrides into `config_class`; exit with status 2 on a bad key or type.
+
+    Technique names and arguments are validated here too, so every config error comes before any work starts.
+    """
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(
+        prog=os.path.basename(sys.argv[0]), description=config_class.__doc__, exit_on_error=True, allow_abbrev=False
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="A YAML file with any of the options below.")
+    parser.add_class_arguments(config_class)
+    namespace = parser.parse_args(args)
+    namespace.pop("config", None)
+    try:
+        config = parser.instantiate_classes(namespace)
+        config = config_class(**config.as_dict()) if not isinstance(config, config_class) else config
+    except ConfigError as error:
+        parser.error(str(error))
+    if hasattr(config, "techniques"):
+        from framework.technique import build_techniques
+
+        try:
+            build_techniques(config.techniques)
+        except ConfigError as error:
+            parser.error(str(error))
+    return config
+
+
+def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    """A dataclass (or nested dict) as one level of dotted keys with scalar values, for trackers' hyperparameters."""
+    values = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, (bool, int, float, str)) or value is None:
+            flat[f"{prefix}{key}"] = value
+        else:
+            flat[f"{prefix}{key}"] = str(value)
+    return flat
+
+
+def run_main(main: Callable[[], Any]) -> None:
+    """Run a recipe's `main`, turning a `FrameworkError` into one line on stderr and exit status 2 (no traceback)."""
+    try:
+        main()
+    except FrameworkError as error:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

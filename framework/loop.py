@@ -1,0 +1,278 @@
+"""The one training loop. Techniques plug into its hooks (framework/technique.py); accelerate does the rest."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from framework.backend import describe_backend, make_accelerator
+from framework.checkpoint import resolve_resume, save_checkpoint
+from framework.config import TrainerConfig, flatten
+from framework.state import TrainState
+from framework.task import Task
+from framework.technique import Technique, build_techniques, check_techniques, hook_table
+from framework.tracking import make_trackers, tracker_init_kwargs
+
+
+class Trainer:
+    """Trains `model` on `train_data` for `config.epochs` (or `config.max_steps`), running the techniques' hooks.
+
+    Args:
+        config: a `TrainerConfig` (usually the recipe's config, which inherits it); logged to the trackers in full.
+        model / optimizer: plain torch objects; accelerate wraps them for the launched backend.
+        task: forward, loss and evaluation outputs for this kind of model.
+        train_data / eval_data / test_data: DataLoaders; eval runs every `config.eval_every` epochs, test at the end.
+        techniques: plug-ins in hook order; default: built from `config.techniques`.
+        accelerator: pass one to control it yourself; default: built from the launch config.
+    """
+
+    def __init__(
+        self,
+        config: TrainerConfig,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        task: Task,
+        train_data: DataLoader,
+        eval_data: DataLoader | None = None,
+        test_data: DataLoader | None = None,
+        techniques: Sequence[Technique] | None = None,
+        accelerator: Accelerator | None = None,
+    ):
+        self.config = config
+        self.task = task
+        self.techniques = build_techniques(config.techniques) if techniques is None else list(techniques)
+        self.accelerator = accelerator or make_accelerator(
+            config.output_dir, config.gradient_accumulation_steps, make_trackers(config.tracker, config.output_dir)
+        )
+        # Every refusal comes here, before any data is touched or any step is taken.
+        check_techniques(self.techniques, describe_backend(self.accelerator))
+        self.resume_path = resolve_resume(config.resume_from, config.output_dir)
+        self.data = {"train": train_data, "val": eval_data, "test": test_data}
+        self.state = TrainState(self.accelerator, model, optimizer, Path(config.output_dir))
+        self._hooks = hook_table(self.techniques)
+        self._step_owner = next((t for t in self.techniques if t.owns_optimizer_step), None)
+        self._last_checkpoint_step = -1
+        self._last_eval_step = -1
+
+    # --- the public entry points --------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Train, evaluate, test; write model.safetensors and summary.json. Returns the summary."""
+        accelerator, config, state = self.accelerator, self.config, self.state
+        started = time.perf_counter()
+        set_seed(config.seed)
+        self._call("before_prepare")
+        state.model, state.optimizer = accelerator.prepare(state.model, state.optimizer)
+        self.data = {name: accelerator.prepare(loader) if loader is not None else None
+                     for name, loader in self.data.items()}
+        state.steps_per_epoch = math.ceil(len(self.data["train"]) / config.gradient_accumulation_steps)
+        state.max_steps = config.max_steps or config.epochs * state.steps_per_epoch
+        self._call("fit_start")
+        accelerator.register_for_checkpointing(state, *[t for t in self.techniques if t.has_state])
+        if self.resume_path is not None:
+            accelerator.print(f"resuming from {self.resume_path}")
+            accelerator.load_state(str(self.resume_path))
+            self._last_checkpoint_step = state.step
+        self._start_tracking()
+
+        self._train()
+
+        results = dict(state.eval_metrics)
+        if self.data["test"] is not None:
+            results.update(self.evaluate(self.data["test"], "test"))
+        self._call("fit_end")
+        return self._finish(results, time.perf_counter() - started)
+
+    @torch.no_grad()
+    def evaluate(self, loader: DataLoader, prefix: str = "val") -> dict[str, float]:
+        """Metrics of the model on `loader`, computed over all ranks' samples (each counted once)."""
+        state = self.state
+        self._call("eval_start")
+        state.model.eval()
+        collected: dict[str, list[torch.Tensor]] = defaultdict(list)
+        for batch in loader:
+            outputs = self.task.forward(state.model, batch)
+            per_sample = self.accelerator.gather_for_metrics(self.task.eval_outputs(outputs, batch))
+            for name, values in per_sample.items():
+                collected[name].append(values)
+        metrics = self.task.compute_metrics({name: torch.cat(values) for name, values in collected.items()})
+        state.model.train()
+        self._call("eval_end")
+        return {f"{prefix}/{name}": value for name, value in metrics.items()}
+
+    # --- the loop ---------------------------------------------------------------------------------------------
+    def _train(self) -> None:
+        accelerator, config, state, task = self.accelerator, self.config, self.state, self.task
+        hooks = self._hooks
+        progress = tqdm(total=state.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
+                        disable=not accelerator.is_local_main_process)
+        window = _LogWindow(accelerator.device)
+        state.model.train()
+        while state.step < state.max_steps and not state.should_stop:
+            self._call("epoch_start")
+            loader = self.data["train"]
+            loader.set_epoch(state.epoch)
+            if state.batch_in_epoch:  # resuming mid-epoch: continue after the batches already consumed
+                loader = accelerator.skip_first_batches(loader, state.batch_in_epoch)
+            for batch in loader:
+                for hook in hooks["on_batch"]:
+                    batch = hook(state, batch)
+                with accelerator.accumulate(state.model):
+                    outputs = task.forward(state.model, batch)
+                    loss = task.loss(outputs, batch)
+                    for hook in hooks["on_loss"]:
+                        loss = hook(state, loss, batch, outputs)
+                    accelerator.backward(loss)
+                    self._call("after_backward")
+                    stepped = accelerator.sync_gradients
+                    if stepped:
+                        self._optimizer_step()
+                state.batch_in_epoch += 1
+                batch_samples = task.batch_size(batch) * accelerator.num_processes
+                state.samples_seen += batch_samples
+                window.add(loss, batch_samples)
+                for hook in hooks["batch_end"]:
+                    hook(state, {"loss": loss.detach(), **state.logs})
+                if not stepped:
+                    continue
+                progress.update(1)
+                if state.step % config.log_every == 0 or state.step == state.max_steps:
+                    self._log_train(window, progress)
+                state.logs.clear()
+                if config.checkpoint_every and state.step % config.checkpoint_every == 0:
+                    self._checkpoint()
+                if state.step >= state.max_steps or state.should_stop:
+                    break
+            if state.batch_in_epoch >= len(self.data["train"]):  # the epoch ran to its end
+                state.epoch += 1
+                state.batch_in_epoch = 0
+                last = state.step >= state.max_steps
+                if self.data["val"] is not None and (last or (config.eval_every and state.epoch % config.eval_every == 0)):
+                    self._evaluate_and_log()
+                self._call("epoch_end")
+                self._checkpoint()
+        progress.close()
+        if self.data["val"] is not None and self._last_eval_step != state.step:
+            self._evaluate_and_log()  # stopped mid-epoch: still report validation metrics for the final weights
+        self._checkpoint()
+
+    def _optimizer_step(self) -> None:
+        """Between backward and zero_grad when gradients are synchronised: the hooks around the optimizer step."""
+        state = self.state
+        self._call("before_optimizer_step")
+        if "grad_norm" not in state.logs and (state.step + 1) % self.config.log_every == 0:
+            # Measured only on logging steps (a clipping technique reports it on every step anyway).
+            state.log(grad_norm=self.accelerator.clip_grad_norm_(state.model.parameters(), float("inf")))
+        if self._step_owner is not None:
+            self._step_owner.optimizer_step(state)
+        else:
+            state.optimizer.step()
+        state.step += 1
+        self._call("after_optimizer_step")
+        state.optimizer.zero_grad(set_to_none=True)
+
+    def _call(self, hook: str) -> None:
+        for method in self._hooks[hook]:
+            method(self.state)
+
+    # --- logging, evaluation, checkpoints, outputs --------------------------------------------------------------
+    def _log_train(self, window: _LogWindow, progress: tqdm) -> None:
+        state = self.state
+        values = window.flush(self.accelerator, state.logs)
+        values["lr"] = state.optimizer.param_groups[0]["lr"]
+        if len(state.optimizer.param_groups) > 1:
+            values.update({f"lr/group_{i}": g["lr"] for i, g in enumerate(state.optimizer.param_groups)})
+        values.update(epoch=state.epoch + state.batch_in_epoch / max(len(self.data["train"]), 1),
+                      samples_seen=state.samples_seen)
+        self.accelerator.log(values, step=state.step)
+        progress.set_postfix(loss=f"{values['train/loss']:.4f}", samples_s=f"{values['samples_per_second']:.0f}",
+                             lr=f"{values['lr']:.2e}", refresh=False)
+
+    def _evaluate_and_log(self) -> None:
+        metrics = self.evaluate(self.data["val"], "val")
+        self.state.eval_metrics = metrics
+        self._last_eval_step = self.state.step
+        self.accelerator.log(metrics, step=self.state.step)
+        self.accelerator.print(f"epoch {self.state.epoch} step {self.state.step}: "
+                               + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    def _checkpoint(self) -> None:
+        if self._last_checkpoint_step == self.state.step:
+            return
+        save_checkpoint(self.accelerator, self.config.output_dir, self.state.step, self.config.keep_checkpoints)
+        self._last_checkpoint_step = self.state.step
+
+    def _start_tracking(self) -> None:
+        accelerator, config = self.accelerator, self.config
+        if accelerator.is_main_process:
+            self.state.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.state.output_dir / "config.yaml").write_text(yaml.safe_dump(flatten(config), sort_keys=False))
+        accelerator.init_trackers(config.project, config=flatten(config),
+                                  init_kwargs=tracker_init_kwargs(config.output_dir, config.run_name))
+
+    def _finish(self, results: dict[str, Any], seconds: float) -> dict[str, Any]:
+        accelerator, state = self.accelerator, self.state
+        accelerator.wait_for_everyone()
+        accelerator.save_model(state.model, state.output_dir)
+        accelerator.log({k: v for k, v in results.items() if k.startswith("test/")}, step=state.step)
+        summary = {
+            "metrics": results,
+            "run": {
+                "distributed_type": accelerator.distributed_type.name,
+                "num_processes": accelerator.num_processes,
+                "mixed_precision": accelerator.mixed_precision,
+                "device": str(accelerator.device),
+                "gradient_accumulation_steps": self.config.gradient_accumulation_steps,
+                "steps": state.step,
+                "epochs": state.epoch,
+                "samples_seen": state.samples_seen,
+                "seconds": round(seconds, 2),
+                "techniques": [t.name or type(t).__name__ for t in self.techniques],
+            },
+        }
+        if accelerator.is_main_process:
+            path = state.output_dir / "summary.json"
+            path.write_text(json.dumps(summary, indent=2) + "\n")
+            written = sorted(str(p) for p in state.output_dir.iterdir() if p.name != "config.yaml")
+            print("\n" + "\n".join(f"{k:>16s} = {v:.4f}" for k, v in results.items()))
+            print("wrote:\n  " + "\n  ".join(written))
+        accelerator.end_training()
+        return summary
+
+
+class _LogWindow:
+    """Sums losses and counts samples between log lines on the device, so steps in between never wait on the host."""
+
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), device=device)
+        self.batches = 0
+        self.samples = 0
+        self.started = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, samples: int) -> None:
+        self.loss_sum += loss.detach().float()
+        self.batches += 1
+        self.samples += samples
+
+    def flush(self, accelerator: Accelerator, logs: dict[str, Any]) -> dict[str, Any]:
+        """Mean loss over ranks plus the techniques' logged values, as floats (one host sync for all of them)."""
+        mean_loss = accelerator.reduce(self.loss_sum / max(self.batches, 1), reduction="mean")
+        names = ["train/loss", *logs]
+        tensors = [mean_loss] + [torch.as_tensor(v, dtype=torch.float32, device=mean_loss.device).reshape(())
+                                  for v in logs.values()]
+        values = dict(zip(names, torch.stack(tensors).tolist()))
+        elapsed = time.perf_counter() - self.started
+        values["samples_per_second"] = self.samples / elapsed if elapsed > 0 else 0.0
+        self.__init__(mean_loss.device)
+        return values

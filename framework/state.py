@@ -1,0 +1,49 @@
+"""TrainState: what every hook receives: the run's objects and its counters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
+
+#: The counters saved in checkpoints (the objects are saved by accelerate itself).
+COUNTERS = ("step", "epoch", "batch_in_epoch", "samples_seen", "tokens_seen")
+
+
+@dataclass
+class TrainState:
+    """The run as the techniques see it.
+
+    `model` and `optimizer` are what `accelerator.prepare` returned once `fit_start` runs (in `before_prepare` they
+    are still the raw objects and a technique may replace them). Counters count optimizer steps, not micro-batches.
+    """
+
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    output_dir: Path
+    steps_per_epoch: int = 0  # optimizer steps in one epoch on this run's world size and accumulation
+    max_steps: int = 0  # optimizer steps this run will take in all
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epochs completed
+    batch_in_epoch: int = 0  # micro-batches consumed in the current epoch (for mid-epoch resume)
+    samples_seen: int = 0  # over all ranks
+    tokens_seen: int = 0  # over all ranks (language models)
+    should_stop: bool = False  # set by a technique (early stopping) to end training after this step/epoch
+    logs: dict[str, Any] = field(default_factory=dict)  # values for this step's log line (tensors are fine)
+    eval_metrics: dict[str, float] = field(default_factory=dict)  # the latest evaluation's results
+
+    def log(self, **values: Any) -> None:
+        """Report values for the current step; the loop writes them out at its logging interval (no host sync)."""
+        self.logs.update(values)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in COUNTERS}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for name in COUNTERS:
+            setattr(self, name, int(state_dict[name]))

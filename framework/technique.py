@@ -1,0 +1,203 @@
+"""The plug-in contract: a `Technique` is an object with named hooks that the loop calls in a fixed order.
+
+Per optimizer step the loop (framework/loop.py) calls, for every technique in the order they are listed:
+
+    before_prepare(state)                             # before accelerate wraps model/optimizer: edit modules here
+    fit_start(state)                                  # model on its device, wrapped; build shadows, schedules
+      epoch_start(state)
+        batch = on_batch(state, batch)                # Mixup / CutMix / progressive resize
+        with accelerator.accumulate(model):
+          outputs = task.forward(model, batch)
+          loss = task.loss(outputs, batch)
+          loss = on_loss(state, loss, batch, outputs)
+          accelerator.backward(loss)
+          after_backward(state)
+          if accelerator.sync_gradients:
+            before_optimizer_step(state)              # grads unscaled: clip, centralize, measure
+            optimizer.step()  (or the step-owning technique's optimizer_step)
+            after_optimizer_step(state)               # EMA update, per-step schedules
+            optimizer.zero_grad()
+        batch_end(state, logs)
+      epoch_end(state)                                # per-epoch schedules, early stop, best checkpoint
+      eval_start(state) ... eval_end(state)           # around every evaluation
+    fit_end(state)
+
+Hooks default to doing nothing; the loop only calls the hooks a technique overrides. `on_batch` and `on_loss`
+return the new value instead of mutating hidden state. A technique with state implements `state_dict` /
+`load_state_dict`; the loop registers it with `accelerator.register_for_checkpointing`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from framework.errors import ConfigError, IncompatibleError
+
+if TYPE_CHECKING:
+    import torch
+
+    from framework.state import TrainState
+
+#: Every hook, in the order the loop first reaches it. `optimizer_step` is called only on a step-owning technique.
+HOOKS: tuple[str, ...] = (
+    "before_prepare",
+    "fit_start",
+    "epoch_start",
+    "on_batch",
+    "on_loss",
+    "after_backward",
+    "before_optimizer_step",
+    "optimizer_step",
+    "after_optimizer_step",
+    "batch_end",
+    "epoch_end",
+    "eval_start",
+    "eval_end",
+    "fit_end",
+)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where a run executes, as `Technique.check` sees it (read from the Accelerator, or made up in tests/docs)."""
+
+    distributed_type: str = "NO"  # accelerate's DistributedType name: NO, MULTI_CPU, MULTI_GPU, DEEPSPEED, FSDP
+    num_processes: int = 1
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    device_type: str = "cpu"  # cpu | cuda | ...
+    deepspeed_stage: int | None = None  # ZeRO stage when distributed_type is DEEPSPEED
+
+
+class Technique:
+    """Base class of every plug-in. Subclasses override only the hooks they need.
+
+    Class attributes:
+        name: the registered name used in configs (set by `@register`).
+        owns_optimizer_step: True for the one technique that replaces `optimizer.step()` (e.g. SAM).
+    """
+
+    name: ClassVar[str] = ""
+    owns_optimizer_step: ClassVar[bool] = False
+
+    def check(self, backend: Backend, others: Sequence[Technique]) -> None:
+        """Raise `IncompatibleError` (one sentence: the problem and the fix) if this cannot run here."""
+
+    # --- hooks (all optional) ---------------------------------------------------------------------------------
+    def before_prepare(self, state: TrainState) -> None: ...
+    def fit_start(self, state: TrainState) -> None: ...
+    def epoch_start(self, state: TrainState) -> None: ...
+    def on_batch(self, state: TrainState, batch: Any) -> Any:
+        return batch
+    def on_loss(self, state: TrainState, loss: torch.Tensor, batch: Any, outputs: Any) -> torch.Tensor:
+        return loss
+    def after_backward(self, state: TrainState) -> None: ...
+    def before_optimizer_step(self, state: TrainState) -> None: ...
+    def optimizer_step(self, state: TrainState) -> None: ...
+    def after_optimizer_step(self, state: TrainState) -> None: ...
+    def batch_end(self, state: TrainState, logs: dict[str, Any]) -> None: ...
+    def epoch_end(self, state: TrainState) -> None: ...
+    def eval_start(self, state: TrainState) -> None: ...
+    def eval_end(self, state: TrainState) -> None: ...
+    def fit_end(self, state: TrainState) -> None: ...
+
+    # --- checkpointed state (override both, or neither) -------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        pass
+
+    # --- introspection used by the loop -------------------------------------------------------------------------
+    def overrides(self, hook: str) -> bool:
+        """True if this technique's class replaces the base class's `hook`."""
+        return getattr(type(self), hook) is not getattr(Technique, hook)
+
+    @property
+    def has_state(self) -> bool:
+        return self.overrides("state_dict")
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+def hook_table(techniques: Sequence[Technique]) -> dict[str, list]:
+    """For each hook, the bound methods of the techniques that override it, in list order.
+
+    The loop calls only these, so a technique costs nothing on the hooks it does not use.
+    """
+    return {hook: [getattr(t, hook) for t in techniques if t.overrides(hook)] for hook in HOOKS}
+
+
+def check_techniques(techniques: Sequence[Technique], backend: Backend) -> None:
+    """Run every technique's `check` plus the contract's own rules; raise the first problem found."""
+    names = [t.name or type(t).__name__ for t in techniques]
+    step_owners = [n for t, n in zip(techniques, names) if t.owns_optimizer_step]
+    if len(step_owners) > 1:
+        raise IncompatibleError(
+            f"techniques {step_owners} each replace the optimizer step; only one can. Remove all but one of them."
+        )
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise IncompatibleError(f"technique(s) {duplicated} are listed twice; list each technique once.")
+    for technique in techniques:
+        others = [t for t in techniques if t is not technique]
+        technique.check(backend, others)
+
+
+# --- registry: only registered techniques can be built from a config ----------------------------------------------
+TECHNIQUES: dict[str, type[Technique]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a technique buildable from configs as `techniques: {name: {arg: value}}`."""
+
+    def decorate(cls: type[Technique]) -> type[Technique]:
+        if name in TECHNIQUES and TECHNIQUES[name] is not cls:
+            raise ValueError(f"technique name {name!r} is already registered by {TECHNIQUES[name].__name__}")
+        cls.name = name
+        TECHNIQUES[name] = cls
+        return cls
+
+    return decorate
+
+
+def build_techniques(specs: Mapping[str, Mapping[str, Any] | None]) -> list[Technique]:
+    """Build techniques from a config mapping `{registered_name: {argument: value}}`, keeping its order.
+
+    A value of `None` (``--techniques.ema null`` on the command line) leaves that technique out. Arguments are
+    validated against the technique's constructor signature and type hints; errors name the key.
+    """
+    import framework.techniques  # noqa: F401  (registers the built-in techniques)
+
+    techniques = []
+    for name, args in specs.items():
+        if args is None:
+            continue
+        if name not in TECHNIQUES:
+            raise ConfigError(
+                f"techniques.{name}: unknown technique. Registered techniques: {', '.join(sorted(TECHNIQUES))}."
+            )
+        cls = TECHNIQUES[name]
+        techniques.append(cls(**_validated_arguments(f"techniques.{name}", cls, dict(args))))
+    return techniques
+
+
+def _validated_arguments(prefix: str, cls: type, args: dict[str, Any]) -> dict[str, Any]:
+    """Check names and types of constructor arguments with jsonargparse (the same checks as the rest of the config)."""
+    from jsonargparse import ArgumentParser
+
+    known = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
+    for key in args:
+        if key not in known:
+            raise ConfigError(f"{prefix}.{key}: unknown argument. {cls.__name__} accepts: {', '.join(known)}.")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, fail_untyped=False)
+    try:
+        namespace = parser.parse_object(args)
+    except Exception as error:  # jsonargparse raises its ArgumentError; its message names the key
+        raise ConfigError(f"{prefix}: {str(error).strip()}") from None
+    return {key: namespace[key] for key in known if key in namespace and key in args}

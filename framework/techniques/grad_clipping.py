@@ -1,0 +1,34 @@
+"""Gradient clipping by global norm, through `accelerator.clip_grad_norm_` (which unscales fp16 gradients first and
+knows how DDP/FSDP/DeepSpeed hold them). Pascanu et al., https://arxiv.org/abs/1211.5063.
+
+The pure function is torch's own `torch.nn.utils.clip_grad_norm_`, which accelerate calls after unscaling; the
+tests check this technique against it. Hook: `before_optimizer_step`. Logs `grad_norm`, the global norm
+*before* clipping, on every step.
+"""
+
+from __future__ import annotations
+
+from framework.errors import ConfigError
+from framework.state import TrainState
+from framework.technique import Technique, register
+
+
+@register("gradient_clipping")
+class GradientClipping(Technique):
+    """Clip the global gradient norm to `max_norm` before every optimizer step.
+
+    Args:
+        max_norm: the largest global gradient norm allowed.
+        norm_type: the p of the p-norm (2.0: Euclidean; `inf`: largest absolute value).
+    """
+
+    def __init__(self, max_norm: float = 1.0, norm_type: float = 2.0):
+        if max_norm <= 0:
+            raise ConfigError(f"gradient_clipping.max_norm must be positive, got {max_norm}.")
+        self.max_norm = max_norm
+        self.norm_type = norm_type
+
+    def before_optimizer_step(self, state: TrainState) -> None:
+        norm = state.accelerator.clip_grad_norm_(state.model.parameters(), self.max_norm, norm_type=self.norm_type)
+        if norm is not None:  # None under DeepSpeed, whose engine clips (and reports) by itself
+            state.log(grad_norm=norm)

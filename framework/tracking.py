@@ -1,0 +1,71 @@
+"""Experiment tracking through accelerate's trackers: W&B or TensorBoard, plus metrics.jsonl that is always written."""
+
+from __future__ import annotations
+
+import json
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+
+from accelerate.tracking import GeneralTracker
+
+
+class JSONLTracker(GeneralTracker):
+    """One JSON object per `accelerator.log` call in `output_dir/metrics.jsonl` (appended to when a run resumes)."""
+
+    name = "jsonl"
+    requires_logging_directory = True
+    main_process_only = True
+
+    def __init__(self, output_dir: str | os.PathLike):
+        super().__init__()
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self._file = None
+
+    def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    @property
+    def tracker(self):
+        return self._file
+
+    def store_init_configuration(self, values: dict) -> None:
+        pass  # the resolved config is written to output_dir/config.yaml by the trainer
+
+    def log(self, values: dict, step: int | None = None, **kwargs: Any) -> None:
+        self._file.write(json.dumps({"step": step, **values}) + "\n")
+        self._file.flush()
+
+    def finish(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def wandb_logged_in() -> bool:
+    """True when W&B credentials are available (API key in the environment or in ~/.netrc)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def make_trackers(tracker: str, output_dir: str) -> list[Any]:
+    """The `log_with` list for the Accelerator: always the JSONL file, plus "wandb" or "tensorboard"."""
+    trackers: list[Any] = [JSONLTracker(output_dir)]
+    if tracker == "wandb":
+        # Offline unless the user is logged in: the run is written under output_dir/wandb and `wandb sync`-able.
+        if "WANDB_MODE" not in os.environ and not wandb_logged_in():
+            os.environ["WANDB_MODE"] = "offline"
+        trackers.append("wandb")
+    elif tracker == "tensorboard":
+        trackers.append("tensorboard")
+    return trackers
+
+
+def tracker_init_kwargs(output_dir: str, run_name: str | None) -> dict[str, dict[str, Any]]:
+    name = run_name or Path(output_dir).resolve().name
+    return {"wandb": {"name": name, "dir": str(output_dir)}}

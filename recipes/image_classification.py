@@ -1,0 +1,52 @@
+"""Image classification: a small ResNet on the embedded handwritten digits (or any image data set).
+
+    accelerate launch --config_file launch_configs/cpu.yaml recipes/image_classification.py \
+        --config recipes/configs/image_classification.yaml [--epochs 5] [--techniques.ema.decay 0.99]
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from framework.config import TrainerConfig, parse_config, run_main
+from framework.data import ImageDataConfig, image_loaders
+from framework.loop import Trainer
+from framework.models.resnet import ResNet, ResNetConfig
+from framework.task import ClassificationTask
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 0.01
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass
+class ImageClassificationConfig(TrainerConfig):
+    """Train an image classifier."""
+
+    output_dir: str = "outputs/image_classification"
+    epochs: int = 20
+    data: ImageDataConfig = field(default_factory=ImageDataConfig)
+    model: ResNetConfig = field(default_factory=ResNetConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    label_smoothing: float = 0.1
+    """ε of label-smoothed cross-entropy (Szegedy et al., https://arxiv.org/abs/1512.00567)."""
+
+
+def main() -> None:
+    config = parse_config(ImageClassificationConfig)
+    torch.manual_seed(config.seed)  # the same initial weights on every rank and every run
+    loaders = image_loaders(config.data, seed=config.seed)
+    model = ResNet(config.model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optimizer.lr,
+                                  weight_decay=config.optimizer.weight_decay, betas=config.optimizer.betas)
+    trainer = Trainer(config, model, optimizer, ClassificationTask(label_smoothing=config.label_smoothing),
+                      loaders["train"], loaders["validation"], loaders["test"])
+    trainer.fit()
+
+
+if __name__ == "__main__":
+    run_main(main)
