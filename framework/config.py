@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, TypeVar
 
+import yaml
+
 from framework.errors import ConfigError, FrameworkError
 
 C = TypeVar("C")
@@ -66,7 +68,9 @@ class TrainerConfig:
 def parse_config(config_class: type[C], args: Sequence[str] | None = None) -> C:
     """Parse `--config file.yaml` and dotted overrides into `config_class`; exit with status 2 on a bad key or type.
 
-    Technique names and arguments are validated here too, so every config error comes before any work starts.
+    `--techniques.NAME.ARG VALUE` changes one argument of one technique and keeps its others (jsonargparse alone
+    would replace the technique's whole argument mapping). Technique names and arguments are validated here too,
+    so every config error comes before any work starts.
     """
     from jsonargparse import ActionConfigFile, ArgumentParser
 
@@ -75,21 +79,49 @@ def parse_config(config_class: type[C], args: Sequence[str] | None = None) -> C:
     )
     parser.add_argument("--config", action=ActionConfigFile, help="A YAML file with any of the options below.")
     parser.add_class_arguments(config_class)
+    args = list(sys.argv[1:] if args is None else args)
+    print_config = "--print_config" in args  # handled here, so that it shows the technique overrides too
+    args = [arg for arg in args if arg != "--print_config"]
+    technique_overrides, args = _split_technique_overrides(args, parser)
     namespace = parser.parse_args(args)
     namespace.pop("config", None)
+    for name, key, value in technique_overrides:
+        if namespace.techniques.get(name) is None:
+            namespace.techniques[name] = {}
+        namespace.techniques[name][key] = value
+    if print_config:
+        print(parser.dump(namespace, skip_none=False), end="")
+        sys.exit(0)
     try:
-        config = parser.instantiate_classes(namespace)
-        config = config_class(**config.as_dict()) if not isinstance(config, config_class) else config
-    except ConfigError as error:
-        parser.error(str(error))
-    if hasattr(config, "techniques"):
+        config = config_class(**parser.instantiate_classes(namespace).as_dict())
         from framework.technique import build_techniques
 
-        try:
-            build_techniques(config.techniques)
-        except ConfigError as error:
-            parser.error(str(error))
+        build_techniques(config.techniques)
+    except ConfigError as error:
+        parser.error(str(error))
     return config
+
+
+def _split_technique_overrides(args: list[str], parser: Any) -> tuple[list[tuple[str, str, Any]], list[str]]:
+    """Take `--techniques.NAME.ARG VALUE` (or `=VALUE`) out of args; VALUE is read as YAML (0.9, true, [1, 2])."""
+    overrides, rest, index = [], [], 0
+    while index < len(args):
+        arg = args[index]
+        flag, _, inline = arg.partition("=")
+        parts = flag.split(".")
+        if len(parts) == 3 and parts[0] == "--techniques":
+            if inline or "=" in arg:
+                value = inline
+            elif index + 1 < len(args):
+                index += 1
+                value = args[index]
+            else:
+                parser.error(f"{flag} expects a value")
+            overrides.append((parts[1], parts[2], yaml.safe_load(value)))
+        else:
+            rest.append(arg)
+        index += 1
+    return overrides, rest
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:

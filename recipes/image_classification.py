@@ -36,8 +36,8 @@ class ImageClassificationConfig(TrainerConfig):
     """ε of label-smoothed cross-entropy (Szegedy et al., https://arxiv.org/abs/1512.00567)."""
 
 
-def main() -> None:
-    config = parse_config(ImageClassificationConfig)
+def main(args: list[str] | None = None) -> Trainer:
+    config = parse_config(ImageClassificationConfig, args)
     torch.manual_seed(config.seed)  # the same initial weights on every rank and every run
     loaders = image_loaders(config.data, seed=config.seed)
     model = ResNet(config.model)
@@ -46,6 +46,7 @@ def main() -> None:
     trainer = Trainer(config, model, optimizer, ClassificationTask(label_smoothing=config.label_smoothing),
                       loaders["train"], loaders["validation"], loaders["test"])
     trainer.fit()
+    return trainer
 
 
 if __name__ == "__main__":

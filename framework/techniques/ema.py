@@ -87,12 +87,14 @@ class EMA(Technique):
             ema_update_(self.ema_params, self._params, self.current_decay(), self.ema_buffers, self._buffers)
             self.num_updates += 1
 
+    @torch.no_grad()
     def eval_start(self, state: TrainState) -> None:
         if self.evaluate_with_ema:
             live = self._params + self._buffers
             self._backup = [t.detach().clone() for t in live]
             torch._foreach_copy_(live, self.ema_params + self.ema_buffers)
 
+    @torch.no_grad()
     def eval_end(self, state: TrainState) -> None:
         if self._backup is not None:
             torch._foreach_copy_(self._params + self._buffers, self._backup)
@@ -106,6 +108,7 @@ class EMA(Technique):
     def state_dict(self) -> dict[str, Any]:
         return {"params": self.ema_params, "buffers": self.ema_buffers, "num_updates": self.num_updates}
 
+    @torch.no_grad()
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         torch._foreach_copy_(self.ema_params, list(state_dict["params"]))
         if self.ema_buffers:

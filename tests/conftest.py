@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py, tests/wandb_reader.py
+
+from helpers import reset_accelerate  # noqa: E402
+
+# Tests never reach W&B's servers.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process test starts with no Accelerator state left by the one before."""
+    reset_accelerate()
+    yield
+    reset_accelerate()

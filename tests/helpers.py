@@ -1,0 +1,40 @@
+"""Shared test helpers: launching real processes, resetting accelerate's singletons, tiny data."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def reset_accelerate() -> None:
+    """accelerate keeps process-wide singletons; a test that builds two Accelerators resets them in between."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def tiny_classification_data(n: int = 32, features: int = 4, classes: int = 3, seed: int = 0) -> list[dict]:
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(n, features, generator=generator)
+    labels = torch.randint(0, classes, (n,), generator=generator)
+    return [{"pixel_values": x, "label": y} for x, y in zip(inputs, labels)]
+
+
+def launch(script: str | Path, *args: str, launch_config: str = "cpu.yaml", timeout: int = 600,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `accelerate launch --config_file launch_configs/<launch_config> script args...` for real."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "launch_configs" / launch_config), "--num_cpu_threads_per_process", "1", str(script), *args]
+    environment = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT), **(env or {})}
+    environment.pop("WORLD_SIZE", None)
+    result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        print(result.stdout[-5000:], result.stderr[-10000:], sep="\n")
+    return result

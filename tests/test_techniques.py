@@ -1,0 +1,176 @@
+"""Each technique: its pure function against a hand computation or torch's reference, then its hooks on a tiny state."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from framework.errors import ConfigError, IncompatibleError
+from framework.state import TrainState
+from framework.technique import Backend, Technique, build_techniques, check_techniques
+from framework.techniques import EMA, GradientClipping, WarmupCosine, ema_update_, warmup_cosine_factor
+
+
+def tiny_state(tmp_path, model=None, lr=0.1) -> TrainState:
+    model = model or torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return TrainState(accelerator, model, optimizer, tmp_path, steps_per_epoch=10, max_steps=100)
+
+
+# --- EMA ---------------------------------------------------------------------------------------------------------
+def test_ema_update_matches_formula_and_copies_buffers():
+    ema = [torch.tensor([1.0, 2.0]), torch.tensor([[0.0]])]
+    params = [torch.tensor([3.0, 6.0]), torch.tensor([[10.0]])]
+    ema_buffers = [torch.tensor([0.0, 0.0]), torch.tensor(0)]
+    buffers = [torch.tensor([5.0, 7.0]), torch.tensor(42)]
+    ema_update_(ema, params, 0.9, ema_buffers, buffers)
+    # 0.9 * 1 + 0.1 * 3 = 1.2; 0.9 * 2 + 0.1 * 6 = 2.4; 0.9 * 0 + 0.1 * 10 = 1.0
+    torch.testing.assert_close(ema[0], torch.tensor([1.2, 2.4]))
+    torch.testing.assert_close(ema[1], torch.tensor([[1.0]]))
+    assert torch.equal(ema_buffers[0], buffers[0]) and ema_buffers[1].item() == 42
+    assert torch.equal(params[0], torch.tensor([3.0, 6.0]))  # the model's weights are untouched
+
+
+def test_ema_technique_tracks_swaps_and_restores(tmp_path):
+    state = tiny_state(tmp_path)
+    ema = EMA(decay=0.5)
+    ema.fit_start(state)
+    weights = list(state.model.parameters())
+    before = [w.detach().clone() for w in weights]
+    with torch.no_grad():
+        for w in weights:
+            w.add_(1.0)
+    state.step = 1
+    ema.after_optimizer_step(state)
+    for shadow, old in zip(ema.ema_params, before):
+        torch.testing.assert_close(shadow, old + 0.5)  # 0.5 * old + 0.5 * (old + 1)
+    live = [w.detach().clone() for w in weights]
+    ema.eval_start(state)
+    for w, shadow in zip(weights, ema.ema_params):
+        assert torch.equal(w, shadow)
+    ema.eval_end(state)
+    for w, kept in zip(weights, live):
+        assert torch.equal(w, kept)
+    restored = EMA(decay=0.5)
+    restored.fit_start(state)
+    restored.load_state_dict(copy.deepcopy(ema.state_dict()))
+    assert restored.num_updates == 1
+    for a, b in zip(restored.ema_params, ema.ema_params):
+        assert torch.equal(a, b)
+
+
+def test_ema_warmup_and_update_every():
+    ema = EMA(decay=0.999, warmup=True)
+    assert ema.current_decay() == pytest.approx(1 / 10)  # (1 + 0) / (10 + 0)
+    ema.num_updates = 90
+    assert ema.current_decay() == pytest.approx(91 / 100)
+    assert EMA(decay=0.9, update_every=4).current_decay() == pytest.approx(0.9**4)
+
+
+def test_ema_refuses_zero3_and_bad_decay():
+    with pytest.raises(IncompatibleError, match="ZeRO-3"):
+        check_techniques([EMA()], Backend(distributed_type="DEEPSPEED", deepspeed_stage=3))
+    check_techniques([EMA()], Backend(distributed_type="DEEPSPEED", deepspeed_stage=2))
+    with pytest.raises(ConfigError, match="ema.decay"):
+        EMA(decay=1.5)
+
+
+# --- warmup + cosine -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "step, expected",
+    [
+        (0, 1 / 10),  # first warmup step already learns
+        (4, 5 / 10),
+        (9, 1.0),  # the last warmup step reaches the peak
+        (10, 1.0),  # cosine starts at the peak
+        (35, 0.5 * (1 + math.cos(math.pi * 0.25))),  # a quarter of the way through the decay
+        (60, 0.5),  # halfway: cos(pi/2) = 0
+        (110, 0.0),  # the end
+        (500, 0.0),  # past the end stays at the floor
+    ],
+)
+def test_warmup_cosine_factor_closed_form(step, expected):
+    assert warmup_cosine_factor(step, warmup_steps=10, total_steps=110) == pytest.approx(expected)
+
+
+def test_warmup_cosine_min_lr_ratio():
+    assert warmup_cosine_factor(60, 10, 110, min_lr_ratio=0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert warmup_cosine_factor(110, 10, 110, min_lr_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_warmup_cosine_technique_sets_lr_per_optimizer_step(tmp_path):
+    state = tiny_state(tmp_path, lr=0.2)
+    schedule = WarmupCosine(warmup_epochs=1.0)  # 10 steps per epoch in tiny_state
+    schedule.fit_start(state)
+    assert state.optimizer.param_groups[0]["lr"] == pytest.approx(0.2 * 1 / 10)
+    for step in range(1, 61):
+        state.optimizer.step()  # no gradients: changes nothing, but keeps torch's step-order bookkeeping honest
+        state.step = step
+        schedule.after_optimizer_step(state)
+    # step 60 of 100 with 10 warmup steps: 50 of the 90 decay steps done
+    assert state.optimizer.param_groups[0]["lr"] == pytest.approx(0.2 * 0.5 * (1 + math.cos(math.pi * 50 / 90)))
+    resumed = WarmupCosine(warmup_epochs=1.0)
+    resumed.fit_start(tiny_state(tmp_path, lr=0.2))
+    resumed.load_state_dict(schedule.state_dict())
+    assert resumed.scheduler.last_epoch == 60
+
+
+def test_warmup_longer_than_training_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="warmup"):
+        WarmupCosine(warmup_steps=100).fit_start(tiny_state(tmp_path))
+
+
+# --- gradient clipping ---------------------------------------------------------------------------------------------
+def test_gradient_clipping_matches_torch_and_logs_preclip_norm(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    reference = copy.deepcopy(model)
+    inputs = torch.randn(16, 5)
+    for m in (model, reference):
+        (m(inputs) ** 2).sum().mul(10).backward()
+    expected_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm=0.5)
+    assert expected_norm > 0.5  # the case actually clips
+    state = tiny_state(tmp_path, model=model)
+    GradientClipping(max_norm=0.5).before_optimizer_step(state)
+    torch.testing.assert_close(state.logs["grad_norm"], expected_norm)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    clipped = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in model.parameters()]))
+    assert clipped == pytest.approx(0.5, rel=1e-4)
+
+
+# --- the contract ----------------------------------------------------------------------------------------------------
+class StepOwner(Technique):
+    owns_optimizer_step = True
+
+
+def test_two_step_owners_are_refused():
+    with pytest.raises(IncompatibleError, match="only one"):
+        check_techniques([StepOwner(), StepOwner()], Backend())
+
+
+def test_build_techniques_validates_names_and_types():
+    built = build_techniques({"warmup_cosine": {"warmup_steps": 3}, "ema": {"decay": 0.9}, "gradient_clipping": None})
+    assert [type(t) for t in built] == [WarmupCosine, EMA]  # order kept, null removes one
+    assert built[1].decay == 0.9
+    with pytest.raises(ConfigError, match="techniques.emma: unknown technique"):
+        build_techniques({"emma": {}})
+    with pytest.raises(ConfigError, match="techniques.ema.decy: unknown argument"):
+        build_techniques({"ema": {"decy": 0.9}})
+    with pytest.raises(ConfigError, match="techniques.ema.*decay"):
+        build_techniques({"ema": {"decay": "fast"}})
+
+
+def test_only_overridden_hooks_are_called():
+    from framework.technique import hook_table
+
+    table = hook_table([EMA(), GradientClipping()])
+    assert [m.__self__.name for m in table["after_optimizer_step"]] == ["ema"]
+    assert [m.__self__.name for m in table["before_optimizer_step"]] == ["gradient_clipping"]
+    assert table["on_batch"] == []
