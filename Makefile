@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 
 train: $(STAMP)
 	$(BIN)/accelerate launch --config_file launch_configs/cpu.yaml recipes/image_classification.py \
-		--config recipes/configs/image_classification.yaml $(ARGS)
+		--config recipes/configs/image_classification.yaml --overwrite true $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -39,6 +39,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def clear_run(output_dir: str | os.PathLike) -> None:
+    """Delete an earlier run's checkpoints and metrics.jsonl (for `--overwrite true`)."""
+    shutil.rmtree(checkpoint_root(output_dir), ignore_errors=True)
+    Path(output_dir, "metrics.jsonl").unlink(missing_ok=True)
+
+
 def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, step: int, keep: int) -> Path:
     """Save the full training state for `step` on every rank; keep the newest `keep` checkpoints. Returns the path."""
     root = checkpoint_root(output_dir)
@@ -83,9 +89,18 @@ def completed_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def resolve_resume(resume_from: str | None, output_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint to resume from: `latest` (None when there is none yet: a fresh start), or a checked path."""
+def resolve_resume(resume_from: str | None, output_dir: str | os.PathLike, overwrite: bool = False) -> Path | None:
+    """The checkpoint to resume from: `latest` (None when there is none yet: a fresh start), or a checked path.
+
+    A fresh start in a directory that holds an earlier run's checkpoints is refused unless `overwrite`: the two
+    runs' checkpoints and metrics would mix, and pruning could delete the new run's checkpoints.
+    """
     if resume_from is None:
+        if completed_checkpoints(output_dir) and not overwrite:
+            raise ConfigError(
+                f"output_dir {output_dir} holds checkpoints of an earlier run. Pass `--resume_from latest` to continue "
+                "it, `--overwrite true` to start over (deleting them), or another --output_dir."
+            )
         return None
     if resume_from == "latest":
         checkpoints = completed_checkpoints(output_dir)

@@ -38,6 +38,8 @@ class TrainerConfig:
     """Experiment tracker. W&B runs offline (synced later with `wandb sync`) unless you are logged in."""
     resume_from: Optional[str] = None
     """A checkpoint directory, or `latest` for the newest complete one under output_dir/checkpoints."""
+    overwrite: bool = False
+    """Start afresh in an output_dir that holds an earlier run's checkpoints, deleting them and its metrics.jsonl."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step; gradients are not all-reduced on the micro-steps in between."""
     log_every: int = 10

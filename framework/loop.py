@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from framework.backend import describe_backend, make_accelerator
-from framework.checkpoint import resolve_resume, save_checkpoint
+from framework.checkpoint import clear_run, resolve_resume, save_checkpoint
 from framework.config import TrainerConfig, flatten
 from framework.state import TrainState
 from framework.task import Task
@@ -58,7 +58,10 @@ class Trainer:
         )
         # Every refusal comes here, before any data is touched or any step is taken.
         check_techniques(self.techniques, describe_backend(self.accelerator))
-        self.resume_path = resolve_resume(config.resume_from, config.output_dir)
+        self.resume_path = resolve_resume(config.resume_from, config.output_dir, config.overwrite)
+        if self.resume_path is None and config.overwrite and self.accelerator.is_main_process:
+            clear_run(config.output_dir)
+        self.accelerator.wait_for_everyone()
         self.data = {"train": train_data, "val": eval_data, "test": test_data}
         self.state = TrainState(self.accelerator, model, optimizer, Path(config.output_dir))
         self._hooks = hook_table(self.techniques)
@@ -204,8 +207,9 @@ class Trainer:
         self.state.eval_metrics = metrics
         self._last_eval_step = self.state.step
         self.accelerator.log(metrics, step=self.state.step)
-        self.accelerator.print(f"epoch {self.state.epoch} step {self.state.step}: "
-                               + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if self.accelerator.is_main_process:  # tqdm.write keeps the progress bar intact
+            tqdm.write(f"epoch {self.state.epoch} step {self.state.step}: "
+                       + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     def _checkpoint(self) -> None:
         if self._last_checkpoint_step == self.state.step:
@@ -242,12 +246,11 @@ class Trainer:
             },
         }
         if accelerator.is_main_process:
-            path = state.output_dir / "summary.json"
-            path.write_text(json.dumps(summary, indent=2) + "\n")
-            written = sorted(str(p) for p in state.output_dir.iterdir() if p.name != "config.yaml")
+            (state.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        accelerator.end_training()  # closes the trackers (W&B prints its run summary here)
+        if accelerator.is_main_process:
             print("\n" + "\n".join(f"{k:>16s} = {v:.4f}" for k, v in results.items()))
-            print("wrote:\n  " + "\n  ".join(written))
-        accelerator.end_training()
+            print(f"wrote {state.output_dir}/:\n  " + "\n  ".join(sorted(p.name for p in state.output_dir.iterdir())))
         return summary
 
 

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from framework.backend import check_launch
 from framework.config import TrainerConfig
-from framework.errors import LaunchError
+from framework.errors import ConfigError, LaunchError
 from framework.loop import Trainer
 from framework.task import ClassificationTask
 from framework.technique import HOOKS, Technique
@@ -185,3 +185,16 @@ def test_fp16_on_cpu_is_refused():
     accelerator = Accelerator(cpu=True, mixed_precision="fp16")
     with pytest.raises(LaunchError, match="fp16 mixed precision needs a GPU"):
         check_launch(accelerator)
+
+
+def test_fresh_start_over_an_earlier_run_is_refused_unless_overwrite(tmp_path):
+    make_trainer(tmp_path, batch_size=4, n=16, epochs=2).fit()
+    assert (tmp_path / "checkpoints" / "step_00000008").is_dir()
+    reset_accelerate()
+    with pytest.raises(ConfigError, match="--resume_from latest"):
+        make_trainer(tmp_path, batch_size=4, n=16, epochs=1)
+    reset_accelerate()
+    make_trainer(tmp_path, batch_size=4, n=16, epochs=1, overwrite=True).fit()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000004"]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 4  # the earlier run's lines are gone
