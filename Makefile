@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # torch first (from the local wheel cache), deepspeed after it: deepspeed's sdist imports torch when it builds.
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: train test bench setup clean
+.PHONY: train test setup clean
 
 setup: $(STAMP)
 

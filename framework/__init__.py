@@ -1,0 +1,13 @@
+"""Every well-known training trick as a composable plug-in on one Hugging Face Accelerate loop."""
+
+from framework.config import TrainerConfig, parse_config, run_main
+from framework.errors import ConfigError, FrameworkError, IncompatibleError, LaunchError
+from framework.loop import Trainer
+from framework.state import TrainState
+from framework.task import ClassificationTask, Task
+from framework.technique import Backend, Technique, register
+
+__all__ = [
+    "Backend", "ClassificationTask", "ConfigError", "FrameworkError", "IncompatibleError", "LaunchError", "Task",
+    "Technique", "TrainState", "Trainer", "TrainerConfig", "parse_config", "register", "run_main",
+]

@@ -150,7 +150,7 @@ class Trainer:
                 if not stepped:
                     continue
                 progress.update(1)
-                if state.step % config.log_every == 0 or state.step == state.max_steps:
+                if self._is_log_step(state.step):
                     self._log_train(window, progress)
                 state.logs.clear()
                 if config.checkpoint_every and state.step % config.checkpoint_every == 0:
@@ -174,7 +174,7 @@ class Trainer:
         """Between backward and zero_grad when gradients are synchronised: the hooks around the optimizer step."""
         state = self.state
         self._call("before_optimizer_step")
-        if "grad_norm" not in state.logs and (state.step + 1) % self.config.log_every == 0:
+        if "grad_norm" not in state.logs and self._is_log_step(state.step + 1):
             # Measured only on logging steps (a clipping technique reports it on every step anyway).
             state.log(grad_norm=self.accelerator.clip_grad_norm_(state.model.parameters(), float("inf")))
         if self._step_owner is not None:
@@ -184,6 +184,9 @@ class Trainer:
         state.step += 1
         self._call("after_optimizer_step")
         state.optimizer.zero_grad(set_to_none=True)
+
+    def _is_log_step(self, step: int) -> bool:
+        return step % self.config.log_every == 0 or step == self.state.max_steps
 
     def _call(self, hook: str) -> None:
         for method in self._hooks[hook]:
@@ -258,7 +261,11 @@ class _LogWindow:
     """Sums losses and counts samples between log lines on the device, so steps in between never wait on the host."""
 
     def __init__(self, device: torch.device):
-        self.loss_sum = torch.zeros((), device=device)
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.device)
         self.batches = 0
         self.samples = 0
         self.started = time.perf_counter()
@@ -277,5 +284,5 @@ class _LogWindow:
         values = dict(zip(names, torch.stack(tensors).tolist()))
         elapsed = time.perf_counter() - self.started
         values["samples_per_second"] = self.samples / elapsed if elapsed > 0 else 0.0
-        self.__init__(mean_loss.device)
+        self.reset()
         return values

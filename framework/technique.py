@@ -119,8 +119,9 @@ class Technique:
     def has_state(self) -> bool:
         return self.overrides("state_dict")
 
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+    def __repr__(self) -> str:  # the constructor arguments only (not shadow weights or other state)
+        names = inspect.signature(type(self)).parameters
+        args = ", ".join(f"{k}={getattr(self, k)!r}" for k in names if hasattr(self, k))
         return f"{type(self).__name__}({args})"
 
 
