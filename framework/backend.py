@@ -11,15 +11,27 @@ machines without a GPU (see DESIGN.md) are handled here:
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DeepSpeedPlugin,
+    DistributedType,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+)
 
-from framework.errors import LaunchError
+from framework.errors import ConfigError, LaunchError
 from framework.technique import Backend
+
+
+FP16_ON_CPU = (
+    "fp16 mixed precision needs a GPU; on CPU accelerate would silently train in fp32. "
+    "Use launch_configs/bf16.yaml (bf16 runs on CPU) or launch_configs/cpu.yaml."
+)
 
 
 def launched_world_size() -> int:
@@ -28,12 +40,27 @@ def launched_world_size() -> int:
 
 
 def make_accelerator(
-    output_dir: str, gradient_accumulation_steps: int = 1, log_with: Sequence[Any] = ()
+    output_dir: str,
+    gradient_accumulation_steps: int = 1,
+    log_with: Sequence[Any] = (),
+    deepspeed_values: Mapping[str, Any] | None = None,
+    compile: bool = False,
 ) -> Accelerator:
-    """An Accelerator for whatever the launch config asked for; raises `LaunchError` if the launch went wrong."""
+    """An Accelerator for whatever the launch config asked for; raises `LaunchError` if the launch went wrong.
+
+    `deepspeed_values` are what the recipe's techniques set in a DeepSpeed config (e.g. `gradient_clipping`); with
+    `gradient_accumulation_steps` they fill the config's "auto" entries, and a config that contradicts them is refused.
+    """
+    check_launch_environment()
     extra: dict[str, Any] = {}
+    use_deepspeed = _env_flag("ACCELERATE_USE_DEEPSPEED")
     if launched_world_size() > 1 and not torch.cuda.is_available():
-        extra = {"cpu": True, "kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
+        # gloo makes the CPU ranks one group; cpu=True would also turn DeepSpeed off, so only without it.
+        extra = {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")], "cpu": not use_deepspeed}
+    if compile:
+        extra["dynamo_backend"] = "inductor"  # else accelerate reads the launch config's dynamo_config
+    if use_deepspeed:
+        extra["deepspeed_plugin"] = deepspeed_plugin(gradient_accumulation_steps, deepspeed_values or {})
     accelerator = Accelerator(
         gradient_accumulation_steps=gradient_accumulation_steps,
         log_with=list(log_with) or None,
@@ -46,6 +73,46 @@ def make_accelerator(
     return accelerator
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("true", "1", "yes")
+
+
+def check_launch_environment() -> None:
+    """Refuse, before accelerate builds anything, launch configs that would silently run differently here."""
+    if torch.cuda.is_available():
+        return
+    if os.environ.get("ACCELERATE_MIXED_PRECISION") == "fp16":
+        raise LaunchError(FP16_ON_CPU)
+    if _env_flag("ACCELERATE_USE_FSDP"):
+        raise LaunchError(
+            "FSDP needs GPUs; on CPU accelerate would silently train unsharded. Use launch_configs/multi_cpu.yaml, "
+            "or launch_configs/deepspeed_zero3.yaml to shard parameters on CPU."
+        )
+
+
+def deepspeed_plugin(gradient_accumulation_steps: int, values: Mapping[str, Any]) -> DeepSpeedPlugin:
+    """The launch config's DeepSpeed plugin with its "auto" entries filled from the recipe (one source of truth).
+
+    accelerate would fill an "auto" `gradient_clipping` with 1.0 (clipping a recipe that asked for none) and, on a
+    different accumulation, warn and use the DeepSpeed value; here a contradiction is an error instead.
+    """
+    plugin = DeepSpeedPlugin()  # reads the launch config from the environment accelerate launch set
+    wanted = {"gradient_accumulation_steps": gradient_accumulation_steps, "gradient_clipping": 0.0, **values}
+    source = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "the launch config")
+    for key, value in wanted.items():
+        current = plugin.deepspeed_config.get(key, "auto")
+        if current == "auto":
+            plugin.deepspeed_config[key] = value
+        elif float(current) != float(value):
+            raise ConfigError(
+                f"the DeepSpeed config ({source}) sets {key}={current} but the recipe asks for {value}. "
+                f'Set "{key}": "auto" there so the recipe decides, or change the recipe.'
+            )
+    plugin.gradient_accumulation_steps = gradient_accumulation_steps
+    plugin.gradient_clipping = plugin.deepspeed_config["gradient_clipping"]
+    return plugin
+
+
 def check_launch(accelerator: Accelerator) -> None:
     """Refuse a world size that differs from the launcher's, and fp16 where accelerate would silently run fp32."""
     expected = launched_world_size()
@@ -55,11 +122,13 @@ def check_launch(accelerator: Accelerator) -> None:
             "the ranks would train unsynchronised. Launch with `accelerate launch --config_file "
             "launch_configs/multi_cpu.yaml` (CPU) or `launch_configs/ddp.yaml` (GPUs)."
         )
-    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+    if _env_flag("ACCELERATE_USE_DEEPSPEED") and accelerator.distributed_type != DistributedType.DEEPSPEED:
         raise LaunchError(
-            "fp16 mixed precision needs a GPU; on CPU accelerate would silently train in fp32. "
-            "Use launch_configs/bf16.yaml (bf16 runs on CPU) or launch_configs/cpu.yaml."
+            f"the launch config asked for DeepSpeed but accelerate set up {accelerator.distributed_type.name}. "
+            "Check that deepspeed is installed (pip install deepspeed) and the launch config names a ZeRO config."
         )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":  # an Accelerator built by hand
+        raise LaunchError(FP16_ON_CPU)
 
 
 def describe_backend(accelerator: Accelerator) -> Backend:

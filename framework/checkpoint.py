@@ -7,6 +7,8 @@ saving never leaves a half-written directory that `latest` would pick.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
 import shutil
@@ -16,6 +18,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from framework.errors import ConfigError
+from framework.technique import Backend
 
 MARKER = "COMPLETE"
 _NAME = re.compile(r"^step_(\d+)$")
@@ -45,8 +48,12 @@ def clear_run(output_dir: str | os.PathLike) -> None:
     Path(output_dir, "metrics.jsonl").unlink(missing_ok=True)
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, step: int, keep: int) -> Path:
-    """Save the full training state for `step` on every rank; keep the newest `keep` checkpoints. Returns the path."""
+def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, step: int, keep: int,
+                    backend: Backend | None = None) -> Path:
+    """Save the full training state for `step` on every rank; keep the newest `keep` checkpoints. Returns the path.
+
+    The marker records the backend that wrote it, so a resume on an incompatible one is refused with the fix.
+    """
     root = checkpoint_root(output_dir)
     final = root / f"step_{step:08d}"
     temporary = root / f".tmp_step_{step:08d}"
@@ -59,7 +66,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, ste
     if accelerator.is_main_process:
         _fsync_tree(temporary)
         with open(temporary / MARKER, "w") as marker:
-            marker.write(f"{step}\n")
+            marker.write(json.dumps({"step": step, "backend": dataclasses.asdict(backend or Backend())}) + "\n")
             marker.flush()
             os.fsync(marker.fileno())
         if final.exists():
@@ -87,6 +94,21 @@ def completed_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
         else:
             warnings.warn(f"skipping checkpoint {path}: it has no {MARKER} marker (the save was interrupted)")
     return [path for _, path in sorted(found)]
+
+
+def check_resumable(path: Path, backend: Backend) -> None:
+    """Refuse a checkpoint whose layout this backend cannot load (DeepSpeed's is sharded per rank and stage)."""
+    written = json.loads((path / MARKER).read_text())["backend"]
+    was, now = written.get("deepspeed_stage"), backend.deepspeed_stage
+    if was == now and (was is None or written["num_processes"] == backend.num_processes):
+        return
+    wrote = f"DeepSpeed ZeRO-{was} on {written['num_processes']} processes" if was else "a run without DeepSpeed"
+    runs = f"DeepSpeed ZeRO-{now} on {backend.num_processes} processes" if now else "a run without DeepSpeed"
+    fix = "resume with the launch config that wrote it"
+    if was is not None:
+        fix += (f", or start a new run from its consolidated weights (`python {path}/zero_to_fp32.py {path} DIR "
+                "--safe_serialization`, or the run's model.safetensors)")
+    raise ConfigError(f"checkpoint {path} was written by {wrote} and cannot be loaded by {runs}: {fix}.")
 
 
 def resolve_resume(resume_from: str | None, output_dir: str | os.PathLike, overwrite: bool = False) -> Path | None:

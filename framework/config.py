@@ -42,6 +42,9 @@ class TrainerConfig:
     """Start afresh in an output_dir that holds an earlier run's checkpoints, deleting them and its metrics.jsonl."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step; gradients are not all-reduced on the micro-steps in between."""
+    compile: bool = False
+    """Compile the model with torch.compile (inductor) when accelerate prepares it; the launch config's
+    dynamo_config does the same."""
     log_every: int = 10
     """Optimizer steps between log lines (each costs one host sync)."""
     eval_every: int = 1

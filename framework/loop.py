@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from framework.backend import describe_backend, make_accelerator
-from framework.checkpoint import clear_run, resolve_resume, save_checkpoint
+from framework.checkpoint import check_resumable, clear_run, resolve_resume, save_checkpoint
 from framework.config import TrainerConfig, flatten
 from framework.state import TrainState
 from framework.task import Task
@@ -53,12 +53,17 @@ class Trainer:
         self.config = config
         self.task = task
         self.techniques = build_techniques(config.techniques) if techniques is None else list(techniques)
+        deepspeed_values = {k: v for t in self.techniques for k, v in t.deepspeed_config().items()}
         self.accelerator = accelerator or make_accelerator(
-            config.output_dir, config.gradient_accumulation_steps, make_trackers(config.tracker, config.output_dir)
+            config.output_dir, config.gradient_accumulation_steps, make_trackers(config.tracker, config.output_dir),
+            deepspeed_values, config.compile,
         )
         # Every refusal comes here, before any data is touched or any step is taken.
-        check_techniques(self.techniques, describe_backend(self.accelerator))
+        self.backend = describe_backend(self.accelerator)
+        check_techniques(self.techniques, self.backend)
         self.resume_path = resolve_resume(config.resume_from, config.output_dir, config.overwrite)
+        if self.resume_path is not None:
+            check_resumable(self.resume_path, self.backend)
         if self.resume_path is None and config.overwrite and self.accelerator.is_main_process:
             clear_run(config.output_dir)
         self.accelerator.wait_for_everyone()
@@ -76,9 +81,12 @@ class Trainer:
         started = time.perf_counter()
         set_seed(config.seed)
         self._call("before_prepare")
-        state.model, state.optimizer = accelerator.prepare(state.model, state.optimizer)
-        self.data = {name: accelerator.prepare(loader) if loader is not None else None
-                     for name, loader in self.data.items()}
+        # One call for model, optimizer and training data: DeepSpeed reads its micro-batch size from the loader.
+        state.model, state.optimizer, self.data["train"] = accelerator.prepare(
+            state.model, state.optimizer, self.data["train"])
+        for split in ("val", "test"):
+            if self.data[split] is not None:
+                self.data[split] = accelerator.prepare(self.data[split])
         state.steps_per_epoch = math.ceil(len(self.data["train"]) / config.gradient_accumulation_steps)
         state.max_steps = config.max_steps or config.epochs * state.steps_per_epoch
         self._call("fit_start")
@@ -217,7 +225,8 @@ class Trainer:
     def _checkpoint(self) -> None:
         if self._last_checkpoint_step == self.state.step:
             return
-        save_checkpoint(self.accelerator, self.config.output_dir, self.state.step, self.config.keep_checkpoints)
+        save_checkpoint(self.accelerator, self.config.output_dir, self.state.step, self.config.keep_checkpoints,
+                        self.backend)
         self._last_checkpoint_step = self.state.step
 
     def _start_tracking(self) -> None:

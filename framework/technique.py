@@ -103,6 +103,10 @@ class Technique:
     def eval_end(self, state: TrainState) -> None: ...
     def fit_end(self, state: TrainState) -> None: ...
 
+    def deepspeed_config(self) -> dict[str, Any]:
+        """Entries this technique sets in a DeepSpeed config, whose engine owns clipping and the optimizer step."""
+        return {}
+
     # --- checkpointed state (override both, or neither) -------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -140,6 +144,11 @@ def check_techniques(techniques: Sequence[Technique], backend: Backend) -> None:
     if len(step_owners) > 1:
         raise IncompatibleError(
             f"techniques {step_owners} each replace the optimizer step; only one can. Remove all but one of them."
+        )
+    if step_owners and backend.distributed_type == "DEEPSPEED":
+        raise IncompatibleError(
+            f"{step_owners[0]} replaces the optimizer step, but under DeepSpeed the engine steps inside backward. "
+            "Use a DDP launch config (multi_cpu.yaml, ddp.yaml) or remove it."
         )
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:

@@ -5,6 +5,7 @@
 """
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -17,10 +18,20 @@ from framework.task import ClassificationTask
 
 @dataclass
 class OptimizerConfig:
+    name: Literal["adamw", "sgd"] = "adamw"
     lr: float = 0.01
-    """Peak learning rate of AdamW."""
+    """Peak learning rate."""
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW's betas."""
+    momentum: float = 0.9
+    """SGD's (Nesterov) momentum."""
+
+    def build(self, parameters) -> torch.optim.Optimizer:
+        if self.name == "sgd":
+            return torch.optim.SGD(parameters, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                                   nesterov=self.momentum > 0)
+        return torch.optim.AdamW(parameters, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
 
 
 @dataclass
@@ -41,9 +52,8 @@ def main(args: list[str] | None = None) -> Trainer:
     torch.manual_seed(config.seed)  # the same initial weights on every rank and every run
     loaders = image_loaders(config.data, seed=config.seed)
     model = ResNet(config.model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optimizer.lr,
-                                  weight_decay=config.optimizer.weight_decay, betas=config.optimizer.betas)
-    trainer = Trainer(config, model, optimizer, ClassificationTask(label_smoothing=config.label_smoothing),
+    trainer = Trainer(config, model, config.optimizer.build(model.parameters()),
+                      ClassificationTask(label_smoothing=config.label_smoothing),
                       loaders["train"], loaders["validation"], loaders["test"])
     trainer.fit()
     return trainer

@@ -27,14 +27,20 @@ def tiny_classification_data(n: int = 32, features: int = 4, classes: int = 3, s
     return [{"pixel_values": x, "label": y} for x, y in zip(inputs, labels)]
 
 
-def launch(script: str | Path, *args: str, launch_config: str = "cpu.yaml", timeout: int = 600,
-           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run `accelerate launch --config_file launch_configs/<launch_config> script args...` for real."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "launch_configs" / launch_config), "--num_cpu_threads_per_process", "1", str(script), *args]
+def launch_environment(env: dict[str, str] | None = None) -> dict[str, str]:
     environment = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT), **(env or {})}
     environment.pop("WORLD_SIZE", None)
-    result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout)
+    return environment
+
+
+def launch(script: str | Path, *args: str, launch_config: str | Path = "cpu.yaml", timeout: int = 600,
+           env: dict[str, str] | None = None, launcher_args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run `accelerate launch --config_file launch_configs/<launch_config> [launcher_args] script args...` for real."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "launch_configs" / launch_config), "--num_cpu_threads_per_process", "1", *launcher_args,
+               str(script), *args]
+    result = subprocess.run(command, cwd=ROOT, env=launch_environment(env), capture_output=True, text=True,
+                            timeout=timeout)
     if result.returncode != 0:
         print(result.stdout[-5000:], result.stderr[-10000:], sep="\n")
     return result

@@ -198,3 +198,15 @@ def test_fresh_start_over_an_earlier_run_is_refused_unless_overwrite(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000004"]
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 4  # the earlier run's lines are gone
+
+
+def test_compile_switch_compiles_and_trains_like_eager(tmp_path):
+    eager = make_trainer(tmp_path / "eager", batch_size=4, n=16, epochs=1)
+    eager.fit()
+    reset_accelerate()
+    compiled = make_trainer(tmp_path / "compiled", batch_size=4, n=16, epochs=1, compile=True)
+    compiled.fit()
+    assert hasattr(compiled.state.model, "_orig_mod")  # torch.compile's wrapper
+    assert not hasattr(eager.state.model, "_orig_mod")
+    for a, b in zip(eager.state.model.parameters(), compiled.state.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

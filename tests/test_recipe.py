@@ -19,6 +19,7 @@ CONFIG = ("--config", str(ROOT / "recipes" / "configs" / "image_classification.y
 @pytest.mark.slow
 def test_two_process_run_is_synchronised(tmp_path):
     result = launch(DUMP, *CONFIG, "--output_dir", str(tmp_path), "--epochs", "2", "--tracker", "wandb",
+                    "--techniques.dump_params", "{}",
                     "--log_every", "5", launch_config="multi_cpu.yaml")
     assert result.returncode == 0
     summary = json.loads((tmp_path / "summary.json").read_text())

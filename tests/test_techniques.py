@@ -73,10 +73,9 @@ def test_ema_warmup_and_update_every():
     assert EMA(decay=0.9, update_every=4).current_decay() == pytest.approx(0.9**4)
 
 
-def test_ema_refuses_zero3_and_bad_decay():
-    with pytest.raises(IncompatibleError, match="ZeRO-3"):
-        check_techniques([EMA()], Backend(distributed_type="DEEPSPEED", deepspeed_stage=3))
-    check_techniques([EMA()], Backend(distributed_type="DEEPSPEED", deepspeed_stage=2))
+def test_ema_runs_on_every_backend_and_refuses_bad_decay():
+    for stage in (None, 1, 2, 3):
+        check_techniques([EMA()], Backend(distributed_type="DEEPSPEED" if stage else "NO", deepspeed_stage=stage))
     with pytest.raises(ConfigError, match="ema.decay"):
         EMA(decay=1.5)
 
@@ -150,9 +149,12 @@ class StepOwner(Technique):
     owns_optimizer_step = True
 
 
-def test_two_step_owners_are_refused():
+def test_two_step_owners_are_refused_and_one_under_deepspeed():
     with pytest.raises(IncompatibleError, match="only one"):
         check_techniques([StepOwner(), StepOwner()], Backend())
+    check_techniques([StepOwner()], Backend(distributed_type="MULTI_GPU", num_processes=8))
+    with pytest.raises(IncompatibleError, match="engine steps inside backward"):
+        check_techniques([StepOwner()], Backend(distributed_type="DEEPSPEED", deepspeed_stage=1))
 
 
 def test_build_techniques_validates_names_and_types():

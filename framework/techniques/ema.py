@@ -3,6 +3,12 @@
 Polyak & Juditsky 1992; as used by e.g. timm's ModelEmaV3 and Mean Teacher (https://arxiv.org/abs/1703.01780).
 Hooks: `fit_start` (copy the weights), `after_optimizer_step` (one fused foreach update), `eval_start` /
 `eval_end` (swap the EMA weights in and back), `fit_end` (write `model_ema.safetensors`). State checkpointed.
+
+Under DeepSpeed ZeRO-3 each rank holds only a shard of every parameter (`param.ds_tensor`). The average is kept
+shard-local: each rank averages its own shards, so an update costs no communication and 1/world_size of the memory
+(gathering every parameter on every step would cost a full all-gather per step and a full copy per rank). Swapping
+the shards in is enough for evaluation, since ZeRO-3 gathers shards in every forward; export and checkpoints gather
+through DeepSpeed's `GatheredParameters`.
 """
 
 from __future__ import annotations
@@ -13,9 +19,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from framework.errors import ConfigError, IncompatibleError
+from framework.errors import ConfigError
 from framework.state import TrainState
-from framework.technique import Backend, Technique, register
+from framework.technique import Technique, register
 
 
 @torch.no_grad()
@@ -60,57 +66,96 @@ class EMA(Technique):
         self.evaluate_with_ema = evaluate_with_ema
         self.num_updates = 0
 
-    def check(self, backend: Backend, others: Sequence[Technique]) -> None:
-        if backend.deepspeed_stage == 3:
-            raise IncompatibleError(
-                "ema cannot run under DeepSpeed ZeRO-3: each rank holds only a shard of the weights. "
-                "Use launch_configs/deepspeed_zero2.yaml or remove ema."
-            )
-
     def current_decay(self) -> float:
         decay = self.decay ** self.update_every
         if self.warmup:
             decay = min(decay, (1 + self.num_updates) / (10 + self.num_updates))
         return decay
 
+    # --- the tensors this rank owns: whole parameters, or its ZeRO-3 shards -------------------------------------------
+    def _live(self) -> list[torch.Tensor]:
+        return [p.ds_tensor for p in self._params] if self._zero3 else self._params
+
     def fit_start(self, state: TrainState) -> None:
         model = state.accelerator.unwrap_model(state.model)
-        self._names = [name for name, _ in model.named_parameters()] + [name for name, _ in model.named_buffers()]
-        self._params = [p for p in model.parameters()]
-        self._buffers = [b for b in model.buffers()]
-        self.ema_params = [p.detach().clone() for p in self._params]
+        self._params = list(model.parameters())
+        self._buffers = list(model.buffers())
+        self._zero3 = any(hasattr(p, "ds_tensor") for p in self._params)
+        self.ema_params = [t.detach().clone() for t in self._live()]
         self.ema_buffers = [b.detach().clone() for b in self._buffers]
         self._backup: list[torch.Tensor] | None = None
 
     def after_optimizer_step(self, state: TrainState) -> None:
         if state.step % self.update_every == 0:
-            ema_update_(self.ema_params, self._params, self.current_decay(), self.ema_buffers, self._buffers)
+            ema_update_(self.ema_params, self._live(), self.current_decay(), self.ema_buffers, self._buffers)
             self.num_updates += 1
 
+    # --- swapping the average in and out ----------------------------------------------------------------------
     @torch.no_grad()
+    def _swap_in(self) -> None:
+        live = self._live() + self._buffers
+        self._backup = [t.detach().clone() for t in live]
+        torch._foreach_copy_(live, self.ema_params + self.ema_buffers)
+        self._drop_gathered_copies()
+
+    @torch.no_grad()
+    def _swap_out(self) -> None:
+        torch._foreach_copy_(self._live() + self._buffers, self._backup)
+        self._backup = None
+        self._drop_gathered_copies()
+
+    def _drop_gathered_copies(self) -> None:
+        """ZeRO-3 keeps small parameters gathered between forwards; drop those copies so the next forward gathers
+        the shards just swapped in."""
+        if self._zero3:
+            from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+            gathered = [p for p in self._params if p.ds_status == ZeroParamStatus.AVAILABLE]
+            if gathered:
+                gathered[0].partition(param_list=gathered)
+
     def eval_start(self, state: TrainState) -> None:
         if self.evaluate_with_ema:
-            live = self._params + self._buffers
-            self._backup = [t.detach().clone() for t in live]
-            torch._foreach_copy_(live, self.ema_params + self.ema_buffers)
+            self._swap_in()
 
-    @torch.no_grad()
     def eval_end(self, state: TrainState) -> None:
         if self._backup is not None:
-            torch._foreach_copy_(self._params + self._buffers, self._backup)
-            self._backup = None
+            self._swap_out()
 
     def fit_end(self, state: TrainState) -> None:
+        self._swap_in()
+        weights = state.accelerator.get_state_dict(state.model) or {}  # all ranks take part; ZeRO-3: main rank only
+        weights = {name: t.detach().cpu().contiguous().clone() for name, t in weights.items()}  # before swapping out
+        self._swap_out()
         if state.accelerator.is_main_process:
-            tensors = {n: t.detach().cpu().contiguous() for n, t in zip(self._names, self.ema_params + self.ema_buffers)}
-            save_file(tensors, str(state.output_dir / "model_ema.safetensors"))
+            save_file(weights, str(state.output_dir / "model_ema.safetensors"))
 
+    # --- checkpointed state: whole tensors, whatever the sharding -----------------------------------------------
+    @torch.no_grad()
     def state_dict(self) -> dict[str, Any]:
-        return {"params": self.ema_params, "buffers": self.ema_buffers, "num_updates": self.num_updates}
+        params = self.ema_params
+        if self._zero3:
+            import deepspeed
+
+            self._swap_in()
+            with deepspeed.zero.GatheredParameters(self._params):
+                params = [p.detach().clone() for p in self._params]
+            self._swap_out()
+        return {"params": params, "buffers": self.ema_buffers, "num_updates": self.num_updates}
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        torch._foreach_copy_(self.ema_params, list(state_dict["params"]))
+        params = list(state_dict["params"])
+        if self._zero3:  # let DeepSpeed cut the whole tensors into this rank's shards
+            import deepspeed
+
+            backup = [t.detach().clone() for t in self._live()]
+            with deepspeed.zero.GatheredParameters(self._params, modifier_rank=0):
+                torch._foreach_copy_([p.data for p in self._params], params)
+            params = [t.detach().clone() for t in self._live()]
+            torch._foreach_copy_(self._live(), backup)
+            self._drop_gathered_copies()
+        torch._foreach_copy_(self.ema_params, params)
         if self.ema_buffers:
             torch._foreach_copy_(self.ema_buffers, list(state_dict["buffers"]))
         self.num_updates = int(state_dict["num_updates"])

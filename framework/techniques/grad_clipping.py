@@ -8,9 +8,14 @@ tests check this technique against it. Hook: `before_optimizer_step`. Logs `grad
 
 from __future__ import annotations
 
-from framework.errors import ConfigError
+from collections.abc import Sequence
+from typing import Any
+
+from accelerate.utils import DistributedType
+
+from framework.errors import ConfigError, IncompatibleError
 from framework.state import TrainState
-from framework.technique import Technique, register
+from framework.technique import Backend, Technique, register
 
 
 @register("gradient_clipping")
@@ -28,7 +33,17 @@ class GradientClipping(Technique):
         self.max_norm = max_norm
         self.norm_type = norm_type
 
+    def check(self, backend: Backend, others: Sequence[Technique]) -> None:
+        if backend.distributed_type == "DEEPSPEED" and self.norm_type != 2.0:
+            raise IncompatibleError(
+                "gradient_clipping: the DeepSpeed engine clips by the 2-norm only; set norm_type 2.0."
+            )
+
+    def deepspeed_config(self) -> dict[str, Any]:
+        return {"gradient_clipping": self.max_norm}  # the engine clips inside its step, after the all-reduce
+
     def before_optimizer_step(self, state: TrainState) -> None:
+        if state.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            return  # the engine already clipped in its step; the loop logs the engine's global norm
         norm = state.accelerator.clip_grad_norm_(state.model.parameters(), self.max_norm, norm_type=self.norm_type)
-        if norm is not None:  # None under DeepSpeed, whose engine clips (and reports) by itself
-            state.log(grad_norm=norm)
+        state.log(grad_norm=norm)

@@ -62,9 +62,9 @@ class WarmupCosine(Technique):
                 "shorten the warmup or train longer."
             )
         total, floor = state.max_steps, self.min_lr_ratio
-        optimizer = getattr(state.optimizer, "optimizer", state.optimizer)  # the torch optimizer inside accelerate's
+        # accelerate's optimizer wrapper shares its param_groups with the optimizer inside (torch's, or DeepSpeed's).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine_factor(step, warmup, total, floor)
+            state.optimizer, lambda step: warmup_cosine_factor(step, warmup, total, floor)
         )
 
     def after_optimizer_step(self, state: TrainState) -> None:

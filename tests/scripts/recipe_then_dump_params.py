@@ -1,5 +1,6 @@
-"""Run the image recipe as `accelerate launch` would, then write this rank's final parameters to
-output_dir/params_rank{N}.safetensors, so a test can compare the ranks."""
+"""Run the image recipe as `accelerate launch` would, with one more technique that writes this rank's final
+parameters (whole tensors, gathered under ZeRO-3) to output_dir/params_rank{N}.safetensors, so a test can compare
+the ranks. Pass `--techniques.dump_params '{}'` to switch it on."""
 
 import importlib.util
 import sys
@@ -7,13 +8,29 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from framework.technique import Technique, register
+
+
+@register("dump_params")
+class DumpParams(Technique):
+    def fit_end(self, state):
+        model = state.accelerator.unwrap_model(state.model)
+        named = dict(model.named_parameters())
+        if any(hasattr(p, "ds_tensor") for p in named.values()):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(named.values())):
+                tensors = {name: p.detach().clone() for name, p in named.items()}
+        else:
+            tensors = {name: p.detach().clone() for name, p in named.items()}
+        rank = state.accelerator.process_index
+        save_file({k: v.float().contiguous() for k, v in tensors.items()},
+                  str(state.output_dir / f"params_rank{rank}.safetensors"))
+
+
 path = Path(__file__).resolve().parents[2] / "recipes" / "image_classification.py"
 spec = importlib.util.spec_from_file_location("image_classification", path)
 recipe = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = recipe  # type hints resolve through sys.modules, as for a script run as __main__
 spec.loader.exec_module(recipe)
-
-trainer = recipe.main(sys.argv[1:])
-model = trainer.accelerator.unwrap_model(trainer.state.model)
-parameters = {name: p.detach().contiguous() for name, p in model.named_parameters()}
-save_file(parameters, str(trainer.state.output_dir / f"params_rank{trainer.accelerator.process_index}.safetensors"))
+recipe.run_main(lambda: recipe.main(sys.argv[1:]))

@@ -1,0 +1,44 @@
+"""GPU-only checks (marked `gpu`, skipped without CUDA). Run them all with tests/gpu/run.sh on a GPU machine."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from helpers import ROOT, launch
+from test_backends import plain_accuracy
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+DUMP = ROOT / "tests" / "scripts" / "recipe_then_dump_params.py"
+CONFIG = ("--config", str(ROOT / "recipes" / "configs" / "image_classification.yaml"))
+
+# launch config, extra launcher arguments, expected (distributed type, mixed precision)
+CASES = {
+    "fp32": ("single_gpu.yaml", (), ("NO", "no")),
+    "bf16": ("bf16.yaml", (), ("NO", "bf16")),
+    "fp16": ("fp16.yaml", (), ("NO", "fp16")),  # GradScaler: clipping must see unscaled gradients
+    "fsdp": ("fsdp.yaml", ("--num_processes", "1"), ("FSDP", "bf16")),
+    "zero2": ("deepspeed_zero2.yaml", ("--num_processes", "1"), ("DEEPSPEED", "no")),
+    "zero3": ("deepspeed_zero3.yaml", ("--num_processes", "1"), ("DEEPSPEED", "no")),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_recipe_on_one_gpu(tmp_path, case):
+    launch_config, launcher_args, (distributed_type, precision) = CASES[case]
+    result = launch(DUMP, *CONFIG, "--output_dir", str(tmp_path), "--epochs", "8", "--tracker", "none",
+                    "--log_every", "5", launch_config=launch_config, launcher_args=launcher_args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["run"]["device"].startswith("cuda")
+    assert summary["run"]["distributed_type"] == distributed_type
+    assert summary["run"]["mixed_precision"] == precision
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open() if "train/loss" in line]
+    assert all(0 < line["grad_norm"] < 100 for line in lines)  # finite, unscaled (an fp16 scale is ~65536)
+    assert lines[-1]["train/loss"] < lines[0]["train/loss"] - 0.5
+    assert summary["metrics"]["test/accuracy"] > 0.9
+    exported = plain_accuracy(tmp_path / "model_ema.safetensors")  # the consolidated export loads on CPU
+    assert exported == pytest.approx(summary["metrics"]["test/accuracy"], abs=3 / 360)

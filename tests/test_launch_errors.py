@@ -1,0 +1,99 @@
+"""Launches that would silently run wrong are refused before training, with one line naming the problem and fix."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from accelerate.commands.config.config_args import load_config_from_file
+
+from framework.checkpoint import MARKER, check_resumable
+from framework.compat import LAUNCH_BACKENDS, compatibility_table
+from framework.errors import ConfigError
+from framework.technique import Backend
+from helpers import ROOT, launch
+
+RECIPE = ROOT / "recipes" / "image_classification.py"
+CONFIG = ("--config", str(ROOT / "recipes" / "configs" / "image_classification.yaml"))
+CPU_ONLY = not torch.cuda.is_available()
+
+
+def refused(result) -> str:
+    """The run's stderr, after checking it stopped with one `error:` line and no stack trace of our code (the
+    accelerate launcher still prints its own when a child exits non-zero)."""
+    assert result.returncode != 0
+    assert "\nerror: " in "\n" + result.stderr
+    assert f'File "{ROOT / "framework"}' not in result.stderr and f'File "{RECIPE}"' not in result.stderr
+    return result.stderr
+
+
+@pytest.mark.skipif(not CPU_ONLY, reason="the refusal is for machines without a GPU")
+def test_fp16_on_cpu_is_refused(tmp_path):
+    result = launch(RECIPE, *CONFIG, "--output_dir", str(tmp_path), "--tracker", "none", launch_config="fp16.yaml")
+    assert "fp16 mixed precision needs a GPU" in refused(result)
+
+
+@pytest.mark.skipif(not CPU_ONLY, reason="the refusal is for machines without a GPU")
+def test_fsdp_on_cpu_is_refused(tmp_path):
+    result = launch(RECIPE, *CONFIG, "--output_dir", str(tmp_path), "--tracker", "none", launch_config="fsdp.yaml",
+                    launcher_args=("--num_processes", "1"))
+    assert "FSDP needs GPUs" in refused(result)
+
+
+def test_deepspeed_config_contradicting_the_recipe_is_refused(tmp_path):
+    settings = json.loads((ROOT / "launch_configs" / "deepspeed" / "zero2.json").read_text())
+    settings["gradient_accumulation_steps"] = 4
+    (tmp_path / "zero2_gas4.json").write_text(json.dumps(settings))
+    yaml = (ROOT / "launch_configs" / "deepspeed_zero2.yaml").read_text()
+    yaml = yaml.replace("launch_configs/deepspeed/zero2.json", str(tmp_path / "zero2_gas4.json"))
+    (tmp_path / "zero2_gas4.yaml").write_text(yaml)
+    result = launch(RECIPE, *CONFIG, "--output_dir", str(tmp_path / "run"), "--tracker", "none",
+                    launch_config=tmp_path / "zero2_gas4.yaml")
+    error = refused(result)
+    assert "sets gradient_accumulation_steps=4 but the recipe asks for 1" in error and '"auto"' in error
+
+
+def zero3_marker(directory, num_processes=2):
+    directory.mkdir(parents=True)
+    backend = {"distributed_type": "DEEPSPEED", "num_processes": num_processes, "mixed_precision": "no",
+               "device_type": "cpu", "deepspeed_stage": 3}
+    (directory / MARKER).write_text(json.dumps({"step": 10, "backend": backend}))
+    return directory
+
+
+def test_zero3_checkpoint_into_a_run_without_deepspeed_is_refused(tmp_path):
+    checkpoint = zero3_marker(tmp_path / "checkpoints" / "step_00000010")
+    check_resumable(checkpoint, Backend("DEEPSPEED", 2, deepspeed_stage=3))  # the same backend: fine
+    with pytest.raises(ConfigError, match="zero_to_fp32.py"):
+        check_resumable(checkpoint, Backend("MULTI_CPU", 2))
+    with pytest.raises(ConfigError, match="ZeRO-3 on 2 processes and cannot be loaded by DeepSpeed ZeRO-3 on 4"):
+        check_resumable(checkpoint, Backend("DEEPSPEED", 4, deepspeed_stage=3))
+    result = launch(RECIPE, *CONFIG, "--output_dir", str(tmp_path / "run"), "--tracker", "none",
+                    "--resume_from", str(checkpoint))
+    assert "was written by DeepSpeed ZeRO-3 on 2 processes and cannot be loaded by a run without" in refused(result)
+
+
+@pytest.mark.parametrize("name", list(LAUNCH_BACKENDS))
+def test_launch_configs_parse_and_match_the_compatibility_table(name):
+    """Every launch config is accepted by accelerate's own parser and is what the table says it is."""
+    config = load_config_from_file(str(ROOT / "launch_configs" / f"{name}.yaml"))
+    backend = LAUNCH_BACKENDS[name]
+    expected_type = {"MULTI_CPU": "MULTI_GPU"}.get(backend.distributed_type, backend.distributed_type)  # see multi_cpu.yaml
+    assert config.distributed_type.name == expected_type
+    assert config.num_processes == backend.num_processes
+    if backend.distributed_type == "DEEPSPEED":
+        settings = json.loads((ROOT / config.deepspeed_config["deepspeed_config_file"]).read_text())
+        assert settings["zero_optimization"]["stage"] == backend.deepspeed_stage
+        assert {settings[k] for k in ("gradient_accumulation_steps", "gradient_clipping",
+                                       "train_micro_batch_size_per_gpu")} == {"auto"}
+    else:
+        assert str(config.mixed_precision) in (backend.mixed_precision, f"PrecisionType.{backend.mixed_precision}")
+    assert sorted(p.stem for p in (ROOT / "launch_configs").glob("*.yaml")) == sorted(LAUNCH_BACKENDS)
+
+
+def test_readme_shows_the_generated_compatibility_table():
+    readme = (ROOT / "README.md").read_text()
+    start, end = "<!-- compatibility-table:start -->\n", "<!-- compatibility-table:end -->"
+    shown = readme[readme.index(start) + len(start):readme.index(end)]
+    assert shown == compatibility_table(), "README table is stale: paste `python -m framework.compat` into it"
