@@ -29,9 +29,10 @@ LAUNCH_BACKENDS: dict[str, Backend] = {
 
 
 def compatibility(technique_name: str, backend: Backend) -> str | None:
-    """None if the technique (default arguments) runs on `backend`, else its refusal message."""
+    """None if the technique (its example arguments) runs on `backend`, else its refusal message."""
+    cls = TECHNIQUES[technique_name]
     try:
-        check_techniques([TECHNIQUES[technique_name]()], backend)
+        check_techniques([cls(**cls.example_args)], backend)
     except IncompatibleError as error:
         return str(error)
     return None

@@ -45,6 +45,8 @@ class TrainerConfig:
     compile: bool = False
     """Compile the model with torch.compile (inductor) when accelerate prepares it; the launch config's
     dynamo_config does the same."""
+    preview_lr: bool = False
+    """Draw this run's LR schedule to output_dir/lr_schedule.png and exit without training."""
     log_every: int = 10
     """Optimizer steps between log lines (each costs one host sync)."""
     eval_every: int = 1
@@ -99,9 +101,10 @@ def parse_config(config_class: type[C], args: Sequence[str] | None = None) -> C:
         sys.exit(0)
     try:
         config = config_class(**parser.instantiate_classes(namespace).as_dict())
-        from framework.technique import build_techniques
+        if isinstance(config, TrainerConfig):
+            from framework.technique import build_techniques
 
-        build_techniques(config.techniques)
+            build_techniques(config.techniques)
     except ConfigError as error:
         parser.error(str(error))
     return config

@@ -22,7 +22,9 @@ from framework.checkpoint import check_resumable, clear_run, resolve_resume, sav
 from framework.config import TrainerConfig, flatten
 from framework.state import TrainState
 from framework.task import Task
+from framework.plots import plot_lr_curves
 from framework.technique import Technique, build_techniques, check_techniques, hook_table
+from framework.techniques.lr_schedule import LRSchedule, schedule_lrs
 from framework.tracking import make_trackers, tracker_init_kwargs
 
 
@@ -89,6 +91,9 @@ class Trainer:
                 self.data[split] = accelerator.prepare(self.data[split])
         state.steps_per_epoch = math.ceil(len(self.data["train"]) / config.gradient_accumulation_steps)
         state.max_steps = config.max_steps or config.epochs * state.steps_per_epoch
+        state.validates = self.data["val"] is not None and config.eval_every > 0
+        if config.preview_lr:
+            return self.preview_lr()
         self._call("fit_start")
         accelerator.register_for_checkpointing(state, *[t for t in self.techniques if t.has_state])
         if self.resume_path is not None:
@@ -104,6 +109,19 @@ class Trainer:
             results.update(self.evaluate(self.data["test"], "test"))
         self._call("fit_end")
         return self._finish(results, time.perf_counter() - started)
+
+    def preview_lr(self) -> dict[str, Any]:
+        """Draw the LR every schedule technique gives each step of this run (first parameter group); no training."""
+        state, schedules = self.state, [t for t in self.techniques if isinstance(t, LRSchedule)]
+        base = state.optimizer.param_groups[0]["lr"]
+        curves = {t.name: schedule_lrs(t, state.steps_per_epoch, state.max_steps, base) for t in schedules}
+        curves = curves or {"constant": [base] * state.max_steps}
+        path = state.output_dir / "lr_schedule.png"
+        if self.accelerator.is_main_process:
+            plot_lr_curves({f"{', '.join(curves)}: {state.max_steps} steps": curves}, path, state.steps_per_epoch)
+            print(f"wrote {path}")
+        self.accelerator.end_training()
+        return {"lr_schedule": str(path), "lrs": curves}
 
     @torch.no_grad()
     def evaluate(self, loader: DataLoader, prefix: str = "val") -> dict[str, float]:

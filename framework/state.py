@@ -33,6 +33,7 @@ class TrainState:
     batch_in_epoch: int = 0  # micro-batches consumed in the current epoch (for mid-epoch resume)
     samples_seen: int = 0  # over all ranks
     tokens_seen: int = 0  # over all ranks (language models)
+    validates: bool = False  # the run evaluates on validation data at epoch ends (schedules/early stopping need it)
     should_stop: bool = False  # set by a technique (early stopping) to end training after this step/epoch
     logs: dict[str, Any] = field(default_factory=dict)  # values for this step's log line (tensors are fine)
     eval_metrics: dict[str, float] = field(default_factory=dict)  # the latest evaluation's results

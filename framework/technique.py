@@ -77,10 +77,13 @@ class Technique:
     Class attributes:
         name: the registered name used in configs (set by `@register`).
         owns_optimizer_step: True for the one technique that replaces `optimizer.step()` (e.g. SAM).
+        example_args: arguments of a typical instance, when some are required.
     """
 
     name: ClassVar[str] = ""
     owns_optimizer_step: ClassVar[bool] = False
+    #: Arguments for a typical instance, for techniques that have required ones (used by docs and the table).
+    example_args: ClassVar[dict[str, Any]] = {}
 
     def check(self, backend: Backend, others: Sequence[Technique]) -> None:
         """Raise `IncompatibleError` (one sentence: the problem and the fix) if this cannot run here."""

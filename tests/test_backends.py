@@ -94,7 +94,7 @@ def test_clipping_bounds_the_update_under_deepspeed_as_on_ddp(tmp_path):
         result = launch(DUMP, *CONFIG, "--output_dir", str(out), "--max_steps", "1", "--log_every", "1",
                         "--tracker", "none", "--optimizer.name", "sgd", "--optimizer.momentum", "0",
                         "--optimizer.weight_decay", "0", "--optimizer.lr", str(lr), "--techniques.ema", "null",
-                        "--techniques.warmup_cosine", "null", "--techniques.gradient_clipping.max_norm", str(max_norm),
+                        "--techniques.cosine_lr", "null", "--techniques.gradient_clipping.max_norm", str(max_norm),
                         "--techniques.dump_params", "{}", launch_config=launch_config)
         assert result.returncode == 0, result.stderr[-3000:]
         final = load_file(out / "params_rank0.safetensors")

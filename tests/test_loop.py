@@ -16,7 +16,7 @@ from framework.errors import ConfigError, LaunchError
 from framework.loop import Trainer
 from framework.task import ClassificationTask
 from framework.technique import HOOKS, Technique
-from framework.techniques import EMA, WarmupCosine
+from framework.techniques import EMA, CosineLR
 from helpers import reset_accelerate, tiny_classification_data
 
 
@@ -125,7 +125,7 @@ def test_resume_from_first_epoch_restores_ema_counters_and_weights(tmp_path):
     def run(output_dir, **config):
         ema = EMA(decay=0.8)
         probe = Probe(ema)
-        trainer = make_trainer(output_dir, [WarmupCosine(warmup_steps=2), ema, probe], batch_size=4, n=16,
+        trainer = make_trainer(output_dir, [CosineLR(warmup_steps=2), ema, probe], batch_size=4, n=16,
                                epochs=2, shuffle=True, keep_checkpoints=5, **config)
         trainer.fit()
         return trainer, ema, probe
@@ -134,7 +134,7 @@ def test_resume_from_first_epoch_restores_ema_counters_and_weights(tmp_path):
     checkpoints = sorted((tmp_path / "full" / "checkpoints").iterdir())
     assert [c.name for c in checkpoints] == ["step_00000004", "step_00000008"]
     reset_accelerate()
-    # Registered objects, in order: the TrainState counters, warmup_cosine, ema (the probe has no state).
+    # Registered objects, in order: the TrainState counters, cosine_lr, ema (the probe has no state).
     first_epoch_ema = torch.load(checkpoints[0] / "custom_checkpoint_2.pkl", weights_only=False)
     resumed, resumed_ema, probe = run(tmp_path / "resumed", resume_from=str(checkpoints[0]))
 

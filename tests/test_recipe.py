@@ -40,7 +40,7 @@ def test_two_process_run_is_synchronised(tmp_path):
 @pytest.mark.slow
 def test_wandb_offline_run_holds_train_loss(tmp_path):
     result = launch(RECIPE, *CONFIG, "--output_dir", str(tmp_path), "--max_steps", "6", "--log_every", "2",
-                    "--tracker", "wandb", "--techniques.warmup_cosine", "{warmup_steps: 2}")
+                    "--tracker", "wandb", "--techniques.cosine_lr", "{warmup_steps: 2}")
     assert result.returncode == 0
     history = logged_history(run_file(tmp_path))
     losses = {row["_step"]: row["train/loss"] for row in history if "train/loss" in row}
@@ -54,7 +54,7 @@ def test_tensorboard_tracker_holds_train_loss(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     result = launch(RECIPE, *CONFIG, "--output_dir", str(tmp_path), "--max_steps", "4", "--log_every", "2",
-                    "--tracker", "tensorboard", "--techniques.ema", "null", "--techniques.warmup_cosine", "null")
+                    "--tracker", "tensorboard", "--techniques.ema", "null", "--techniques.cosine_lr", "null")
     assert result.returncode == 0
     event_dirs = {path.parent for path in tmp_path.rglob("events.out.tfevents.*")}
     steps = []

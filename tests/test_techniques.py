@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from accelerate import Accelerator
 from framework.errors import ConfigError, IncompatibleError
 from framework.state import TrainState
 from framework.technique import Backend, Technique, build_techniques, check_techniques
-from framework.techniques import EMA, GradientClipping, WarmupCosine, ema_update_, warmup_cosine_factor
+from framework.techniques import EMA, CosineLR, GradientClipping, ema_update_
 
 
 def tiny_state(tmp_path, model=None, lr=0.1) -> TrainState:
@@ -80,51 +79,6 @@ def test_ema_runs_on_every_backend_and_refuses_bad_decay():
         EMA(decay=1.5)
 
 
-# --- warmup + cosine -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "step, expected",
-    [
-        (0, 1 / 10),  # first warmup step already learns
-        (4, 5 / 10),
-        (9, 1.0),  # the last warmup step reaches the peak
-        (10, 1.0),  # cosine starts at the peak
-        (35, 0.5 * (1 + math.cos(math.pi * 0.25))),  # a quarter of the way through the decay
-        (60, 0.5),  # halfway: cos(pi/2) = 0
-        (110, 0.0),  # the end
-        (500, 0.0),  # past the end stays at the floor
-    ],
-)
-def test_warmup_cosine_factor_closed_form(step, expected):
-    assert warmup_cosine_factor(step, warmup_steps=10, total_steps=110) == pytest.approx(expected)
-
-
-def test_warmup_cosine_min_lr_ratio():
-    assert warmup_cosine_factor(60, 10, 110, min_lr_ratio=0.1) == pytest.approx(0.1 + 0.9 * 0.5)
-    assert warmup_cosine_factor(110, 10, 110, min_lr_ratio=0.1) == pytest.approx(0.1)
-
-
-def test_warmup_cosine_technique_sets_lr_per_optimizer_step(tmp_path):
-    state = tiny_state(tmp_path, lr=0.2)
-    schedule = WarmupCosine(warmup_epochs=1.0)  # 10 steps per epoch in tiny_state
-    schedule.fit_start(state)
-    assert state.optimizer.param_groups[0]["lr"] == pytest.approx(0.2 * 1 / 10)
-    for step in range(1, 61):
-        state.optimizer.step()  # no gradients: changes nothing, but keeps torch's step-order bookkeeping honest
-        state.step = step
-        schedule.after_optimizer_step(state)
-    # step 60 of 100 with 10 warmup steps: 50 of the 90 decay steps done
-    assert state.optimizer.param_groups[0]["lr"] == pytest.approx(0.2 * 0.5 * (1 + math.cos(math.pi * 50 / 90)))
-    resumed = WarmupCosine(warmup_epochs=1.0)
-    resumed.fit_start(tiny_state(tmp_path, lr=0.2))
-    resumed.load_state_dict(schedule.state_dict())
-    assert resumed.scheduler.last_epoch == 60
-
-
-def test_warmup_longer_than_training_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="warmup"):
-        WarmupCosine(warmup_steps=100).fit_start(tiny_state(tmp_path))
-
-
 # --- gradient clipping ---------------------------------------------------------------------------------------------
 def test_gradient_clipping_matches_torch_and_logs_preclip_norm(tmp_path):
     torch.manual_seed(0)
@@ -158,8 +112,8 @@ def test_two_step_owners_are_refused_and_one_under_deepspeed():
 
 
 def test_build_techniques_validates_names_and_types():
-    built = build_techniques({"warmup_cosine": {"warmup_steps": 3}, "ema": {"decay": 0.9}, "gradient_clipping": None})
-    assert [type(t) for t in built] == [WarmupCosine, EMA]  # order kept, null removes one
+    built = build_techniques({"cosine_lr": {"warmup_steps": 3}, "ema": {"decay": 0.9}, "gradient_clipping": None})
+    assert [type(t) for t in built] == [CosineLR, EMA]  # order kept, null removes one
     assert built[1].decay == 0.9
     with pytest.raises(ConfigError, match="techniques.emma: unknown technique"):
         build_techniques({"emma": {}})

@@ -2,6 +2,19 @@
 
 from framework.techniques.ema import EMA, ema_update_
 from framework.techniques.grad_clipping import GradientClipping
-from framework.techniques.lr_schedule import WarmupCosine, warmup_cosine_factor
+from framework.techniques.lr_schedule import (
+    CosineLR,
+    CosineRestartsLR,
+    ExponentialLR,
+    LRSchedule,
+    MultiStepLR,
+    OneCycleLR,
+    PlateauLR,
+    StepLR,
+    schedule_lrs,
+)
 
-__all__ = ["EMA", "GradientClipping", "WarmupCosine", "ema_update_", "warmup_cosine_factor"]
+__all__ = [
+    "EMA", "CosineLR", "CosineRestartsLR", "ExponentialLR", "GradientClipping", "LRSchedule", "MultiStepLR",
+    "OneCycleLR", "PlateauLR", "StepLR", "ema_update_", "schedule_lrs",
+]

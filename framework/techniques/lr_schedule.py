@@ -1,78 +1,269 @@
-"""Linear warmup followed by cosine decay, stepped once per optimizer step.
+"""Learning-rate schedules: torch's own schedulers, with periods in optimizer steps or epochs and optional warmup.
 
-Loshchilov & Hutter, SGDR (https://arxiv.org/abs/1608.03983); warmup: Goyal et al. (https://arxiv.org/abs/1706.02677).
-Hooks: `fit_start` (builds a `torch.optim.lr_scheduler.LambdaLR` once the run's length is known) and
-`after_optimizer_step` (steps it). The schedule is not passed to `accelerator.prepare`: accelerate's wrapper steps
-it once per process, which would run the schedule `num_processes` times too fast.
+Every schedule is built at `fit_start`, when the run's real number of optimizer steps per epoch (after world size
+and gradient accumulation) is known, and converts epoch periods with it. Per-step schedules step once per optimizer
+step in `after_optimizer_step` (never per micro-batch, never once per rank: they are not given to
+`accelerator.prepare`, whose wrapper would step them `num_processes` times). `plateau_lr` steps on a validation metric
+in `epoch_end`. Linear warmup (Goyal et al., https://arxiv.org/abs/1706.02677) runs first, up to the LR the schedule
+starts at (the optimizer's LR; for onecycle_lr its LR / div_factor): the LR of step s (0-based) is
+start · (s + 1) / warmup_steps, reaching it on the last warmup step.
+
+The pure function is `schedule_lrs`: the LR at every step of a run, for previews and tests.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
-from typing import Any
+import copy
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
+from torch.optim import lr_scheduler
 
 from framework.errors import ConfigError
 from framework.state import TrainState
 from framework.technique import Technique, register
 
 
-def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
-    """The LR multiplier for optimizer step `step` (0-based).
-
-    Warmup: (step + 1) / warmup_steps for step < warmup_steps, so the first step already learns and the last
-    warmup step reaches the peak. Then cosine from 1 at `warmup_steps` to `min_lr_ratio` at `total_steps`.
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+def to_steps(steps: float | None, epochs: float | None, steps_per_epoch: int, name: str) -> int | None:
+    """A period given in optimizer steps or in epochs, as optimizer steps (None when neither is given)."""
+    if steps is not None and epochs is not None:
+        raise ConfigError(f"{name}: give it in steps or in epochs, not both.")
+    if epochs is not None:
+        return max(1, round(epochs * steps_per_epoch))
+    return None if steps is None else int(steps)
 
 
-@register("warmup_cosine")
-class WarmupCosine(Technique):
-    """Linear warmup then cosine decay of every parameter group's LR (each group keeps its own peak LR).
+def schedule_lrs(schedule: LRSchedule, steps_per_epoch: int, max_steps: int, base_lr: float = 1.0,
+                 metric: Callable[[int], float] = lambda epoch: 1.0) -> list[float]:
+    """The LR of every optimizer step of a run with `schedule` (a copy is simulated on a one-parameter optimizer;
+    `metric(epoch)` feeds plateau schedules)."""
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=base_lr, momentum=0.9)  # momentum: OneCycle cycles it
+    state = TrainState(None, parameter, optimizer, Path("."), steps_per_epoch=steps_per_epoch, max_steps=max_steps,
+                       validates=True)
+    schedule = copy.deepcopy(schedule)
+    schedule.fit_start(state)
+    lrs = []
+    for step in range(1, max_steps + 1):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        state.step = step
+        schedule.after_optimizer_step(state)
+        if step % steps_per_epoch == 0:
+            state.epoch += 1
+            state.eval_metrics = {getattr(schedule, "metric", "val/loss"): metric(state.epoch)}
+            schedule.epoch_end(state)
+    return lrs
+
+
+class LRSchedule(Technique):
+    """Base of the schedules: linear warmup, then the torch scheduler that `build` returns.
 
     Args:
-        warmup_steps: warmup length in optimizer steps; or
-        warmup_epochs: warmup length in epochs (converted with this run's real optimizer steps per epoch).
-        min_lr_ratio: the final LR as a fraction of the peak LR.
+        warmup_steps / warmup_epochs: length of the linear warmup (none by default).
     """
 
-    def __init__(self, warmup_steps: int | None = None, warmup_epochs: float | None = None, min_lr_ratio: float = 0.0):
-        if warmup_steps is not None and warmup_epochs is not None:
-            raise ConfigError("warmup_cosine: give warmup_steps or warmup_epochs, not both.")
-        if not 0.0 <= min_lr_ratio <= 1.0:
-            raise ConfigError(f"warmup_cosine.min_lr_ratio must be within [0, 1], got {min_lr_ratio}.")
+    per_step = True  # False: stepped on a metric at the end of each epoch (plateau)
+
+    def __init__(self, warmup_steps: int | None = None, warmup_epochs: float | None = None):
         self.warmup_steps = warmup_steps
         self.warmup_epochs = warmup_epochs
-        self.min_lr_ratio = min_lr_ratio
-        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+        self.scheduler: lr_scheduler.LRScheduler | None = None
+
+    def build(self, optimizer: torch.optim.Optimizer, state: TrainState, steps: int) -> lr_scheduler.LRScheduler:
+        """torch's scheduler for the `steps` optimizer steps after the warmup."""
+        raise NotImplementedError
 
     def fit_start(self, state: TrainState) -> None:
-        if self.warmup_epochs is not None:
-            warmup = round(self.warmup_epochs * state.steps_per_epoch)
-        else:
-            warmup = self.warmup_steps or 0
-        if warmup >= state.max_steps:
+        self.warmup = to_steps(self.warmup_steps, self.warmup_epochs, state.steps_per_epoch, f"{self.name}.warmup") or 0
+        if self.warmup >= state.max_steps:
             raise ConfigError(
-                f"warmup_cosine: warmup ({warmup} steps) is not shorter than the whole run ({state.max_steps} steps); "
-                "shorten the warmup or train longer."
+                f"{self.name}: warmup ({self.warmup} steps) is not shorter than the whole run ({state.max_steps} "
+                "steps); shorten the warmup or train longer."
             )
-        total, floor = state.max_steps, self.min_lr_ratio
-        # accelerate's optimizer wrapper shares its param_groups with the optimizer inside (torch's, or DeepSpeed's).
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            state.optimizer, lambda step: warmup_cosine_factor(step, warmup, total, floor)
-        )
+        # accelerate's optimizer wrapper shares its param_groups with the optimizer inside (torch's or DeepSpeed's).
+        optimizer = state.optimizer
+        if not self.warmup:
+            self.scheduler = self.build(optimizer, state, state.max_steps)
+            return
+        warmup = lr_scheduler.LinearLR(optimizer, 1.0 / self.warmup, 1.0, total_iters=self.warmup - 1)
+        if not self.per_step:
+            self.scheduler, self.after_warmup = warmup, self.build(optimizer, state, state.max_steps - self.warmup)
+            return
+        main = self.build(optimizer, state, state.max_steps - self.warmup)
+        self.scheduler = lr_scheduler.SequentialLR(optimizer, [warmup, main], milestones=[self.warmup])
 
     def after_optimizer_step(self, state: TrainState) -> None:
-        if not getattr(state.optimizer, "step_was_skipped", False):  # fp16 overflow: the step did not happen
+        if getattr(state.optimizer, "step_was_skipped", False):  # fp16 overflow: the step did not happen
+            return
+        if self.per_step or state.step <= self.warmup:
             self.scheduler.step()
 
     def state_dict(self) -> dict[str, Any]:
-        return self.scheduler.state_dict()
+        return {"scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        self.scheduler.load_state_dict(dict(state_dict))
+        self.scheduler.load_state_dict(state_dict["scheduler"])
+
+
+@register("step_lr")
+class StepLR(LRSchedule):
+    """Multiply the LR by `gamma` every `step_size_steps` optimizer steps (or `step_size_epochs` epochs)."""
+
+    example_args = {"step_size_epochs": 10}
+
+    def __init__(self, step_size_steps: int | None = None, step_size_epochs: float | None = None, gamma: float = 0.1,
+                 warmup_steps: int | None = None, warmup_epochs: float | None = None):
+        super().__init__(warmup_steps, warmup_epochs)
+        if step_size_steps is None and step_size_epochs is None:
+            raise ConfigError("step_lr: give step_size_steps or step_size_epochs.")
+        self.step_size_steps, self.step_size_epochs, self.gamma = step_size_steps, step_size_epochs, gamma
+
+    def build(self, optimizer, state, steps):
+        size = to_steps(self.step_size_steps, self.step_size_epochs, state.steps_per_epoch, "step_lr.step_size")
+        return lr_scheduler.StepLR(optimizer, size, self.gamma)
+
+
+@register("multistep_lr")
+class MultiStepLR(LRSchedule):
+    """Multiply the LR by `gamma` at each milestone (optimizer steps, or epochs; counted after the warmup)."""
+
+    example_args = {"milestones_epochs": [15, 25]}
+
+    def __init__(self, milestones_steps: list[int] | None = None, milestones_epochs: list[float] | None = None,
+                 gamma: float = 0.1, warmup_steps: int | None = None, warmup_epochs: float | None = None):
+        super().__init__(warmup_steps, warmup_epochs)
+        if not (milestones_steps or milestones_epochs):
+            raise ConfigError("multistep_lr: give milestones_steps or milestones_epochs.")
+        self.milestones_steps, self.milestones_epochs, self.gamma = milestones_steps, milestones_epochs, gamma
+
+    def build(self, optimizer, state, steps):
+        if self.milestones_epochs is not None:
+            milestones = [to_steps(None, e, state.steps_per_epoch, "multistep_lr") for e in self.milestones_epochs]
+        else:
+            milestones = list(self.milestones_steps)
+        late = [m for m in milestones if m >= steps]
+        if late:
+            warnings.warn(f"multistep_lr: milestones {late} (steps after warmup) fall at or after the end of the "
+                          f"run ({steps} steps): they will never apply.")
+        return lr_scheduler.MultiStepLR(optimizer, milestones, self.gamma)
+
+
+@register("exponential_lr")
+class ExponentialLR(LRSchedule):
+    """Multiply the LR by `gamma` every epoch (`per: epoch`, spread evenly over its steps) or every step."""
+
+    def __init__(self, gamma: float = 0.9, per: Literal["epoch", "step"] = "epoch",
+                 warmup_steps: int | None = None, warmup_epochs: float | None = None):
+        super().__init__(warmup_steps, warmup_epochs)
+        if not 0.0 < gamma <= 1.0:
+            raise ConfigError(f"exponential_lr.gamma must be within (0, 1], got {gamma}.")
+        self.gamma, self.per = gamma, per
+
+    def build(self, optimizer, state, steps):
+        gamma = self.gamma ** (1.0 / state.steps_per_epoch) if self.per == "epoch" else self.gamma
+        return lr_scheduler.ExponentialLR(optimizer, gamma)
+
+
+@register("cosine_lr")
+class CosineLR(LRSchedule):
+    """Cosine annealing from the optimizer's LR to `eta_min` over the run after the warmup (Loshchilov & Hutter,
+    https://arxiv.org/abs/1608.03983), or over `period_steps` / `period_epochs`."""
+
+    def __init__(self, eta_min: float = 0.0, period_steps: int | None = None, period_epochs: float | None = None,
+                 warmup_steps: int | None = None, warmup_epochs: float | None = None):
+        super().__init__(warmup_steps, warmup_epochs)
+        self.eta_min, self.period_steps, self.period_epochs = eta_min, period_steps, period_epochs
+
+    def build(self, optimizer, state, steps):
+        period = to_steps(self.period_steps, self.period_epochs, state.steps_per_epoch, "cosine_lr.period") or steps
+        return lr_scheduler.CosineAnnealingLR(optimizer, period, self.eta_min)
+
+
+@register("cosine_restarts_lr")
+class CosineRestartsLR(LRSchedule):
+    """Cosine annealing with warm restarts (SGDR): the first cycle lasts `cycle_steps` / `cycle_epochs`, each next
+    one `cycle_mult` times longer."""
+
+    example_args = {"cycle_epochs": 5, "cycle_mult": 2}
+
+    def __init__(self, cycle_steps: int | None = None, cycle_epochs: float | None = None, cycle_mult: int = 1,
+                 eta_min: float = 0.0, warmup_steps: int | None = None, warmup_epochs: float | None = None):
+        super().__init__(warmup_steps, warmup_epochs)
+        if cycle_steps is None and cycle_epochs is None:
+            raise ConfigError("cosine_restarts_lr: give cycle_steps or cycle_epochs.")
+        self.cycle_steps, self.cycle_epochs, self.cycle_mult, self.eta_min = cycle_steps, cycle_epochs, cycle_mult, eta_min
+
+    def build(self, optimizer, state, steps):
+        cycle = to_steps(self.cycle_steps, self.cycle_epochs, state.steps_per_epoch, "cosine_restarts_lr.cycle")
+        return lr_scheduler.CosineAnnealingWarmRestarts(optimizer, cycle, self.cycle_mult, self.eta_min)
+
+
+@register("onecycle_lr")
+class OneCycleLR(LRSchedule):
+    """The 1cycle policy (Smith & Topin, https://arxiv.org/abs/1708.07120): up to the optimizer's LR (the peak)
+    over `pct_start` of the run, then down to peak / (div_factor · final_div_factor); momentum cycles inversely.
+
+    `total_steps` defaults to the run's steps after warmup; a smaller value would overrun and is refused.
+    """
+
+    def __init__(self, pct_start: float = 0.3, div_factor: float = 25.0, final_div_factor: float = 1e4,
+                 anneal_strategy: Literal["cos", "linear"] = "cos", cycle_momentum: bool = True,
+                 total_steps: int | None = None, warmup_steps: int | None = None, warmup_epochs: float | None = None):
+        super().__init__(warmup_steps, warmup_epochs)
+        self.pct_start, self.div_factor, self.final_div_factor = pct_start, div_factor, final_div_factor
+        self.anneal_strategy, self.cycle_momentum, self.total_steps = anneal_strategy, cycle_momentum, total_steps
+
+    def build(self, optimizer, state, steps):
+        total = self.total_steps or steps
+        if total < steps:
+            raise ConfigError(f"onecycle_lr: total_steps={total} is shorter than the run ({steps} steps after "
+                              "warmup); torch's OneCycleLR would fail mid-run. Leave total_steps unset.")
+        peaks = [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]  # before any warmup
+        return lr_scheduler.OneCycleLR(optimizer, peaks, total_steps=total, pct_start=self.pct_start,
+                                       anneal_strategy=self.anneal_strategy, cycle_momentum=self.cycle_momentum,
+                                       div_factor=self.div_factor, final_div_factor=self.final_div_factor)
+
+
+@register("plateau_lr")
+class PlateauLR(LRSchedule):
+    """Multiply the LR by `factor` when the validation `metric` has not improved for `patience` epochs."""
+
+    per_step = False
+
+    def __init__(self, metric: str = "val/loss", mode: Literal["min", "max"] = "min", factor: float = 0.1,
+                 patience: int = 2, threshold: float = 1e-4, min_lr: float = 0.0,
+                 warmup_steps: int | None = None, warmup_epochs: float | None = None):
+        super().__init__(warmup_steps, warmup_epochs)
+        self.metric, self.mode, self.factor, self.patience = metric, mode, factor, patience
+        self.threshold, self.min_lr = threshold, min_lr
+
+    def build(self, optimizer, state, steps):
+        return lr_scheduler.ReduceLROnPlateau(optimizer, self.mode, self.factor, self.patience, self.threshold,
+                                              min_lr=self.min_lr)
+
+    def fit_start(self, state: TrainState) -> None:
+        if not state.validates:
+            raise ConfigError(f"plateau_lr steps on the validation metric {self.metric!r}, but this run has no "
+                              "validation data (or eval_every is 0). Give it validation data or use another schedule.")
+        super().fit_start(state)
+        if not self.warmup:
+            self.after_warmup = self.scheduler
+
+    def epoch_end(self, state: TrainState) -> None:
+        if state.step <= self.warmup or not state.eval_metrics:
+            return
+        if self.metric not in state.eval_metrics:
+            raise ConfigError(f"plateau_lr.metric {self.metric!r} is not among the validation metrics "
+                              f"{sorted(state.eval_metrics)}.")
+        self.after_warmup.step(state.eval_metrics[self.metric])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scheduler": self.scheduler.state_dict(), "after_warmup": self.after_warmup.state_dict()}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        self.scheduler.load_state_dict(state_dict["scheduler"])
+        self.after_warmup.load_state_dict(state_dict["after_warmup"])

@@ -1,0 +1,173 @@
+"""LR schedules against torch's own schedulers and closed forms; checks against the planned run; stepping counts."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch.optim import lr_scheduler
+
+from framework.errors import ConfigError
+from framework.techniques import (
+    CosineLR,
+    CosineRestartsLR,
+    ExponentialLR,
+    MultiStepLR,
+    OneCycleLR,
+    PlateauLR,
+    StepLR,
+    schedule_lrs,
+)
+from helpers import ROOT, launch
+
+STEPS_PER_EPOCH, EPOCHS = 10, 6
+TOTAL = STEPS_PER_EPOCH * EPOCHS
+
+
+def torch_lrs(make, steps: int, base_lr: float = 1.0) -> list[float]:
+    """torch's scheduler stepped once per optimizer step: the LR each step used."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base_lr, momentum=0.9)
+    scheduler, lrs = make(optimizer), []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        if len(lrs) < steps:
+            scheduler.step()
+    return lrs
+
+
+# (technique, the same schedule built directly with torch for `steps` optimizer steps)
+CASES = {
+    "step": (StepLR(step_size_epochs=2, gamma=0.5), lambda o, steps: lr_scheduler.StepLR(o, 20, 0.5)),
+    "multistep": (MultiStepLR(milestones_epochs=[1.5, 4], gamma=0.1),
+                  lambda o, steps: lr_scheduler.MultiStepLR(o, [15, 40], 0.1)),
+    "exponential": (ExponentialLR(gamma=0.5), lambda o, steps: lr_scheduler.ExponentialLR(o, 0.5 ** (1 / 10))),
+    "cosine": (CosineLR(eta_min=0.01), lambda o, steps: lr_scheduler.CosineAnnealingLR(o, steps, 0.01)),
+    "cosine_restarts": (CosineRestartsLR(cycle_steps=7, cycle_mult=2),
+                        lambda o, steps: lr_scheduler.CosineAnnealingWarmRestarts(o, 7, 2)),
+    "onecycle": (OneCycleLR(), lambda o, steps: lr_scheduler.OneCycleLR(o, 1.0, total_steps=steps)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_schedule_equals_torch_at_every_step(case):
+    technique, reference = CASES[case]
+    ours = schedule_lrs(technique, STEPS_PER_EPOCH, TOTAL)
+    assert ours == pytest.approx(torch_lrs(lambda o: reference(o, TOTAL), TOTAL), abs=1e-9)
+    assert len(set(round(lr, 9) for lr in ours)) > 2  # the schedule really moves
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_warmup_is_linear_then_the_schedule_runs_on_the_remaining_steps(case):
+    technique, reference = CASES[case]
+    warmup = 8
+    technique = type(technique)(**{**{k: getattr(technique, k) for k in vars(technique)
+                                      if k in type(technique).__init__.__code__.co_varnames},
+                                   "warmup_steps": warmup})
+    ours = schedule_lrs(technique, STEPS_PER_EPOCH, TOTAL)
+    main = torch_lrs(lambda o: reference(o, TOTAL - warmup), TOTAL - warmup)
+    start = main[0]  # warmup ramps up to where the schedule starts
+    assert ours[:warmup] == pytest.approx([start * (s + 1) / warmup for s in range(warmup)])
+    assert ours[warmup:] == pytest.approx(main, abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    "step, expected",
+    [(0, 1 / 10), (4, 5 / 10), (9, 1.0), (10, 1.0), (35, 0.5 * (1 + math.cos(math.pi * 0.25))), (60, 0.5),
+     (109, 0.5 * (1 + math.cos(math.pi * 99 / 100)))],
+)
+def test_warmup_cosine_closed_form(step, expected):
+    lrs = schedule_lrs(CosineLR(warmup_steps=10), steps_per_epoch=10, max_steps=110)
+    assert lrs[step] == pytest.approx(expected)
+
+
+def test_plateau_reduces_like_torch_after_warmup():
+    metrics = [1.0, 0.9, 0.9, 0.9, 0.9, 0.8]  # improves, stalls for 4 epochs, improves
+    ours = schedule_lrs(PlateauLR(patience=1, factor=0.5, warmup_steps=5), STEPS_PER_EPOCH, TOTAL,
+                        metric=lambda epoch: metrics[epoch - 1])
+    assert ours[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    plateau, expected = lr_scheduler.ReduceLROnPlateau(optimizer, patience=1, factor=0.5), []
+    for epoch in range(EPOCHS):
+        expected += [optimizer.param_groups[0]["lr"]] * STEPS_PER_EPOCH
+        plateau.step(metrics[epoch])
+    assert ours[5:] == pytest.approx(expected[5:])
+    assert min(ours[5:]) == pytest.approx(0.5)  # one reduction, after two epochs without improvement
+
+
+def test_schedules_are_checked_against_the_planned_run():
+    with pytest.raises(ConfigError, match="warmup .60 steps. is not shorter than the whole run .60 steps"):
+        schedule_lrs(CosineLR(warmup_epochs=6), STEPS_PER_EPOCH, TOTAL)
+    with pytest.warns(UserWarning, match=r"milestones \[70\]"):
+        schedule_lrs(MultiStepLR(milestones_steps=[30, 70]), STEPS_PER_EPOCH, TOTAL)
+    with pytest.raises(ConfigError, match="total_steps=50 is shorter than the run"):
+        schedule_lrs(OneCycleLR(total_steps=50), STEPS_PER_EPOCH, TOTAL)
+    with pytest.raises(ConfigError, match="step_size_steps or step_size_epochs"):
+        StepLR()
+    with pytest.raises(ConfigError, match="in steps or in epochs, not both"):
+        schedule_lrs(CosineLR(warmup_steps=3, warmup_epochs=1), STEPS_PER_EPOCH, TOTAL)
+
+
+def test_plateau_refuses_a_run_without_validation(tmp_path):
+    from test_loop import make_trainer
+
+    trainer = make_trainer(tmp_path, [PlateauLR()], eval_every=0)
+    with pytest.raises(ConfigError, match="no validation data"):
+        trainer.fit()
+
+
+def test_plateau_names_a_missing_metric(tmp_path):
+    from test_loop import make_trainer
+
+    trainer = make_trainer(tmp_path, [PlateauLR(metric="val/f1")])
+    with pytest.raises(ConfigError, match=r"'val/f1' is not among the validation metrics \['val/accuracy', 'val/loss'\]"):
+        trainer.fit()
+
+
+def test_per_step_schedule_steps_once_per_optimizer_step_under_accumulation(tmp_path):
+    from test_loop import make_trainer
+
+    schedule = StepLR(step_size_steps=1, gamma=0.5)
+    trainer = make_trainer(tmp_path, [schedule], batch_size=2, n=16, accumulation=4, epochs=2)  # 8 micro, 2 steps/epoch
+    trainer.fit()
+    assert trainer.state.step == 4 and schedule.scheduler.last_epoch == 4
+    assert trainer.state.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**4)
+
+
+@pytest.mark.slow
+def test_per_step_schedule_steps_once_per_optimizer_step_on_two_ranks(tmp_path):
+    result = launch(ROOT / "recipes" / "image_classification.py", "--config",
+                    str(ROOT / "recipes" / "configs" / "image_classification.yaml"), "--output_dir", str(tmp_path),
+                    "--max_steps", "20", "--log_every", "5", "--tracker", "none", "--techniques.cosine_lr", "null",
+                    "--techniques.step_lr", "{step_size_steps: 5, gamma: 0.5}", launch_config="multi_cpu.yaml")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lrs = {line["step"]: line["lr"] for line in map(json.loads, (tmp_path / "metrics.jsonl").open()) if "lr" in line}
+    assert lrs == pytest.approx({5: 0.01 * 0.5, 10: 0.01 * 0.25, 15: 0.01 * 0.125, 20: 0.01 * 0.0625})
+
+
+def test_preview_draws_the_configured_run_without_training(tmp_path):
+    from test_loop import make_trainer
+
+    trainer = make_trainer(tmp_path, [CosineLR(warmup_steps=2)], batch_size=2, n=8, epochs=3, preview_lr=True)
+    before = [p.detach().clone() for p in trainer.state.model.parameters()]
+    preview = trainer.fit()
+    assert preview["lrs"]["cosine_lr"] == pytest.approx(schedule_lrs(CosineLR(warmup_steps=2), 4, 12, 0.1))
+    assert (tmp_path / "lr_schedule.png").stat().st_size > 10_000
+    assert trainer.state.step == 0 and not (tmp_path / "checkpoints").exists()
+    for p, q in zip(trainer.state.model.parameters(), before):
+        assert torch.equal(p, q)
+
+
+def test_lr_schedules_recipe_draws_every_schedule(tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    output = tmp_path / "schedules.png"
+    subprocess.run([sys.executable, str(ROOT / "recipes" / "lr_schedules.py"), "--output", str(output)],
+                   check=True, cwd=ROOT, capture_output=True)
+    width, height = Image.open(output).size
+    assert width > 1500 and height > 600  # 4 × 2 panels: the seven schedules, each with and without warmup
