@@ -70,11 +70,11 @@ class Trainer:
             clear_run(config.output_dir)
         self.accelerator.wait_for_everyone()
         self.data = {"train": train_data, "val": eval_data, "test": test_data}
-        self.state = TrainState(self.accelerator, model, optimizer, Path(config.output_dir))
+        self.state = TrainState(self.accelerator, model, optimizer, Path(config.output_dir),
+                                techniques=self.techniques)
         self._hooks = hook_table(self.techniques)
         self._step_owner = next((t for t in self.techniques if t.owns_optimizer_step), None)
         self._last_checkpoint_step = -1
-        self._last_eval_step = -1
 
     # --- the public entry points --------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -192,7 +192,7 @@ class Trainer:
                 self._call("epoch_end")
                 self._checkpoint()
         progress.close()
-        if self.data["val"] is not None and self._last_eval_step != state.step:
+        if self.data["val"] is not None and state.eval_step != state.step:
             self._evaluate_and_log()  # stopped mid-epoch: still report validation metrics for the final weights
         self._checkpoint()
 
@@ -233,8 +233,7 @@ class Trainer:
 
     def _evaluate_and_log(self) -> None:
         metrics = self.evaluate(self.data["val"], "val")
-        self.state.eval_metrics = metrics
-        self._last_eval_step = self.state.step
+        self.state.eval_metrics, self.state.eval_step = metrics, self.state.step
         self.accelerator.log(metrics, step=self.state.step)
         if self.accelerator.is_main_process:  # tqdm.write keeps the progress bar intact
             tqdm.write(f"epoch {self.state.epoch} step {self.state.step}: "
@@ -274,6 +273,7 @@ class Trainer:
                 "seconds": round(seconds, 2),
                 "techniques": [t.name or type(t).__name__ for t in self.techniques],
             },
+            **state.summary,
         }
         if accelerator.is_main_process:
             (state.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -35,8 +35,11 @@ class TrainState:
     tokens_seen: int = 0  # over all ranks (language models)
     validates: bool = False  # the run evaluates on validation data at epoch ends (schedules/early stopping need it)
     should_stop: bool = False  # set by a technique (early stopping) to end training after this step/epoch
+    techniques: list = field(default_factory=list)  # the run's techniques, in hook order
     logs: dict[str, Any] = field(default_factory=dict)  # values for this step's log line (tensors are fine)
-    eval_metrics: dict[str, float] = field(default_factory=dict)  # the latest evaluation's results
+    summary: dict[str, Any] = field(default_factory=dict)  # what techniques add to summary.json
+    eval_metrics: dict[str, float] = field(default_factory=dict)  # the latest validation's results
+    eval_step: int = -1  # the step at which eval_metrics were measured (== step: fresh at this epoch's end)
 
     def log(self, **values: Any) -> None:
         """Report values for the current step; the loop writes them out at its logging interval (no host sync)."""

@@ -1,7 +1,11 @@
 """Built-in techniques. Importing this package registers them by name for configs."""
 
+from framework.techniques.best_model import BestModel
+from framework.techniques.early_stopping import EarlyStopping
 from framework.techniques.ema import EMA, ema_update_
+from framework.techniques.grad_centralization import GradientCentralization, centralize_gradients_
 from framework.techniques.grad_clipping import GradientClipping
+from framework.techniques.lookahead import Lookahead, lookahead_sync_
 from framework.techniques.lr_schedule import (
     CosineLR,
     CosineRestartsLR,
@@ -15,6 +19,7 @@ from framework.techniques.lr_schedule import (
 )
 
 __all__ = [
-    "EMA", "CosineLR", "CosineRestartsLR", "ExponentialLR", "GradientClipping", "LRSchedule", "MultiStepLR",
+    "EMA", "BestModel", "EarlyStopping", "GradientCentralization", "Lookahead", "centralize_gradients_",
+    "lookahead_sync_", "CosineLR", "CosineRestartsLR", "ExponentialLR", "GradientClipping", "LRSchedule", "MultiStepLR",
     "OneCycleLR", "PlateauLR", "StepLR", "ema_update_", "schedule_lrs",
 ]

@@ -122,11 +122,20 @@ class EMA(Technique):
         if self._backup is not None:
             self._swap_out()
 
-    def fit_end(self, state: TrainState) -> None:
+    def ema_state_dict(self, state: TrainState) -> dict[str, torch.Tensor]:
+        """The averaged weights as one state dict on the main process (gathered under ZeRO-3; all ranks call)."""
         self._swap_in()
-        weights = state.accelerator.get_state_dict(state.model) or {}  # all ranks take part; ZeRO-3: main rank only
+        weights = state.accelerator.get_state_dict(state.model) or {}  # ZeRO-3: consolidated on the main rank only
         weights = {name: t.detach().cpu().contiguous().clone() for name, t in weights.items()}  # before swapping out
         self._swap_out()
+        return weights
+
+    def evaluated_state_dict(self, state: TrainState) -> dict[str, torch.Tensor] | None:
+        """The weights evaluation runs on, when they are the average (for best-model saving)."""
+        return self.ema_state_dict(state) if self.evaluate_with_ema else None
+
+    def fit_end(self, state: TrainState) -> None:
+        weights = self.ema_state_dict(state)
         if state.accelerator.is_main_process:
             save_file(weights, str(state.output_dir / "model_ema.safetensors"))
 

@@ -55,6 +55,7 @@ def schedule_lrs(schedule: LRSchedule, steps_per_epoch: int, max_steps: int, bas
         if step % steps_per_epoch == 0:
             state.epoch += 1
             state.eval_metrics = {getattr(schedule, "metric", "val/loss"): metric(state.epoch)}
+            state.eval_step = step
             schedule.epoch_end(state)
     return lrs
 
@@ -254,7 +255,7 @@ class PlateauLR(LRSchedule):
             self.after_warmup = self.scheduler
 
     def epoch_end(self, state: TrainState) -> None:
-        if state.step <= self.warmup or not state.eval_metrics:
+        if state.step <= self.warmup or state.eval_step != state.step:  # in warmup, or no validation this epoch
             return
         if self.metric not in state.eval_metrics:
             raise ConfigError(f"plateau_lr.metric {self.metric!r} is not among the validation metrics "

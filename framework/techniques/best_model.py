@@ -1,0 +1,82 @@
+"""Best-model saving: keep the top-k weights by a validation metric (the EMA weights when evaluation runs on them),
+export the best as `model_best.safetensors`, and record which step and value won in summary.json.
+
+Hook: `epoch_end` (after the epoch's validation). The ranking is checkpointed, so a resumed run keeps it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+from accelerate.utils import broadcast
+from safetensors.torch import save_file
+
+from framework.errors import ConfigError
+from framework.state import TrainState
+from framework.technique import Technique, register
+from framework.techniques.early_stopping import improved
+
+
+def evaluated_weights(state: TrainState) -> dict[str, torch.Tensor]:
+    """The weights the last evaluation ran on: a technique's (EMA) if one swapped its own in, else the model's."""
+    for technique in state.techniques:
+        weights = getattr(technique, "evaluated_state_dict", lambda _: None)(state)
+        if weights is not None:
+            return weights
+    weights = state.accelerator.get_state_dict(state.model) or {}  # all ranks take part under ZeRO-3
+    return {name: t.detach().cpu().contiguous().clone() for name, t in weights.items()}
+
+
+@register("best_model")
+class BestModel(Technique):
+    """Keep the `top_k` best weights by `metric` under output_dir/best/, the best one as model_best.safetensors."""
+
+    def __init__(self, metric: str = "val/accuracy", mode: Literal["min", "max"] = "max", top_k: int = 1):
+        if top_k < 1:
+            raise ConfigError(f"best_model.top_k must be at least 1, got {top_k}.")
+        self.metric, self.mode, self.top_k = metric, mode, top_k
+        self.ranking: list[dict[str, Any]] = []  # best first: {"value", "step", "file"}
+
+    def fit_start(self, state: TrainState) -> None:
+        if not state.validates:
+            raise ConfigError(f"best_model ranks weights by the validation metric {self.metric!r}, but this run has "
+                              "no validation data (or eval_every is 0).")
+
+    def _qualifies(self, value: float) -> bool:
+        return len(self.ranking) < self.top_k or improved(value, self.ranking[-1]["value"], self.mode, 0.0)
+
+    def epoch_end(self, state: TrainState) -> None:
+        if state.eval_step != state.step or any(entry["step"] == state.step for entry in self.ranking):
+            return
+        if self.metric not in state.eval_metrics:
+            raise ConfigError(f"best_model.metric {self.metric!r} is not among the validation metrics "
+                              f"{sorted(state.eval_metrics)}.")
+        value = state.eval_metrics[self.metric]
+        keep = torch.tensor([float(self._qualifies(value))], device=state.accelerator.device)
+        if not broadcast(keep, from_process=0).item():  # one decision for all ranks (the gather below is collective)
+            return
+        weights = evaluated_weights(state)
+        if not state.accelerator.is_main_process:
+            return
+        folder = state.output_dir / "best"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"step_{state.step:08d}.safetensors"
+        save_file(weights, str(path))
+        self.ranking.append({"value": value, "step": state.step, "file": str(path)})
+        self.ranking.sort(key=lambda entry: entry["value"], reverse=self.mode == "max")
+        for dropped in self.ranking[self.top_k:]:
+            path_dropped = folder / f"step_{dropped['step']:08d}.safetensors"
+            path_dropped.unlink(missing_ok=True)
+        self.ranking = self.ranking[: self.top_k]
+        shutil.copyfile(self.ranking[0]["file"], state.output_dir / "model_best.safetensors")
+        state.summary["best_model"] = {"metric": self.metric, **self.ranking[0],
+                                       "exported": str(state.output_dir / "model_best.safetensors")}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ranking": self.ranking}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        self.ranking = list(state_dict["ranking"])

@@ -1,0 +1,162 @@
+"""Gradient centralization, Lookahead, early stopping and best-model saving: pure functions against hand
+computations, hooks on small states, resume, and one real 2-process run that combines them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from framework.errors import ConfigError, IncompatibleError
+from framework.technique import Backend, check_techniques
+from framework.techniques import (
+    BestModel,
+    EarlyStopping,
+    GradientCentralization,
+    Lookahead,
+    centralize_gradients_,
+    lookahead_sync_,
+)
+from helpers import ROOT, launch, reset_accelerate
+from test_backends import plain_accuracy
+from test_loop import make_trainer
+from test_techniques import tiny_state
+
+
+def test_centralize_gradients_subtracts_each_output_channels_mean():
+    linear = torch.nn.Parameter(torch.zeros(2, 3))
+    linear.grad = torch.tensor([[1.0, 2.0, 3.0], [4.0, 6.0, 8.0]])
+    conv = torch.nn.Parameter(torch.zeros(2, 1, 2, 2))
+    conv.grad = torch.arange(8.0).reshape(2, 1, 2, 2)
+    bias = torch.nn.Parameter(torch.zeros(2))
+    bias.grad = torch.tensor([5.0, 7.0])
+    centralize_gradients_([linear, conv, bias])
+    assert torch.equal(linear.grad, torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0]]))
+    assert torch.equal(conv.grad, torch.tensor([-1.5, -0.5, 0.5, 1.5] * 2).reshape(2, 1, 2, 2))
+    assert torch.equal(bias.grad, torch.tensor([5.0, 7.0]))  # 1-D parameters are left alone
+
+
+def test_gradient_centralization_refuses_deepspeed_and_fp16():
+    check_techniques([GradientCentralization()], Backend("MULTI_GPU", 8, "bf16", "cuda"))
+    with pytest.raises(IncompatibleError, match="DeepSpeed"):
+        check_techniques([GradientCentralization()], Backend("DEEPSPEED", 2, deepspeed_stage=2))
+    with pytest.raises(IncompatibleError, match="fp16"):
+        check_techniques([GradientCentralization()], Backend(mixed_precision="fp16", device_type="cuda"))
+
+
+def test_lookahead_sync_matches_the_formula():
+    slow, fast = [torch.tensor([0.0, 2.0])], [torch.tensor([10.0, 4.0])]
+    lookahead_sync_(slow, fast, 0.5)
+    assert torch.equal(slow[0], torch.tensor([5.0, 3.0])) and torch.equal(fast[0], torch.tensor([5.0, 3.0]))
+
+
+def test_lookahead_syncs_every_k_steps(tmp_path):
+    state = tiny_state(tmp_path)
+    lookahead = Lookahead(k=2, alpha=0.25)
+    lookahead.fit_start(state)
+    start = [p.detach().clone() for p in state.model.parameters()]
+    for step in (1, 2):
+        with torch.no_grad():
+            for p in state.model.parameters():
+                p.add_(4.0)
+        state.step = step
+        lookahead.after_optimizer_step(state)
+    for p, slow, p0 in zip(state.model.parameters(), lookahead.slow, start):
+        torch.testing.assert_close(slow, p0 + 0.25 * 8.0)  # after step 2: slow moved a quarter of the way
+        assert torch.equal(p, slow)
+    with pytest.raises(IncompatibleError, match="DeepSpeed"):
+        check_techniques([Lookahead()], Backend("DEEPSPEED", 2, deepspeed_stage=1))
+
+
+def test_lookahead_slow_weights_survive_resume(tmp_path):
+    def run(output_dir, **config):
+        lookahead = Lookahead(k=3, alpha=0.5)
+        trainer = make_trainer(output_dir, [lookahead], batch_size=4, n=16, epochs=2, shuffle=True,
+                               keep_checkpoints=5, **config)
+        trainer.fit()
+        return trainer, lookahead
+
+    full, full_lookahead = run(tmp_path / "full")
+    reset_accelerate()
+    resumed, resumed_lookahead = run(tmp_path / "resumed",
+                                     resume_from=str(tmp_path / "full" / "checkpoints" / "step_00000004"))
+    for a, b in zip(resumed_lookahead.slow, full_lookahead.slow):
+        assert torch.equal(a, b)
+    for a, b in zip(resumed.state.model.parameters(), full.state.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def metric_state(tmp_path, values):
+    """A tiny state whose epoch ends see `values` as fresh validation results, one per epoch."""
+    state = tiny_state(tmp_path)
+    state.validates = True
+    for epoch, value in enumerate(values, 1):
+        state.epoch, state.step = epoch, epoch * 10
+        state.eval_metrics, state.eval_step = {"val/loss": value, "val/accuracy": 1 - value}, state.step
+        yield state
+
+
+def test_early_stopping_stops_at_the_expected_epoch(tmp_path):
+    stopper = EarlyStopping(metric="val/loss", patience=2, min_delta=0.01)
+    stopped = None
+    for state in metric_state(tmp_path, [1.0, 0.8, 0.795, 0.7, 0.71, 0.70, 0.5]):
+        stopper.fit_start(state)
+        stopper.epoch_end(state)
+        if state.should_stop:
+            stopped = state.epoch
+            break
+    # 0.795 is not 0.01 better than 0.8 (1 without improvement), 0.7 is; 0.71 and 0.70 are not: stop after epoch 6
+    assert stopped == 6 and stopper.best == 0.7
+
+
+def test_best_model_keeps_top_k_and_records_the_winner(tmp_path):
+    best = BestModel(metric="val/accuracy", mode="max", top_k=2)
+    for state in metric_state(tmp_path, [0.5, 0.2, 0.4, 0.3]):  # accuracy 0.5, 0.8, 0.6, 0.7
+        best.epoch_end(state)
+    assert [(entry["step"], round(entry["value"], 6)) for entry in best.ranking] == [(20, 0.8), (40, 0.7)]
+    assert sorted(p.name for p in (tmp_path / "best").iterdir()) == ["step_00000020.safetensors",
+                                                                      "step_00000040.safetensors"]
+    assert state.summary["best_model"]["step"] == 20
+    assert (tmp_path / "model_best.safetensors").read_bytes() == (tmp_path / "best" / "step_00000020.safetensors").read_bytes()
+
+
+def test_early_stopping_and_best_model_need_validation(tmp_path):
+    for technique in (EarlyStopping(), BestModel()):
+        reset_accelerate()
+        with pytest.raises(ConfigError, match="no validation data"):
+            make_trainer(tmp_path, [technique], eval_every=0).fit()
+
+
+@pytest.mark.slow
+def test_two_ranks_stop_together_and_export_the_best_ema_weights(tmp_path):
+    """2 processes with lookahead, centralization, early stopping and best-model saving (on EMA weights)."""
+    result = launch(ROOT / "tests" / "scripts" / "recipe_then_dump_params.py", "--config",
+                    str(ROOT / "recipes" / "configs" / "image_classification.yaml"), "--output_dir", str(tmp_path),
+                    "--epochs", "10", "--tracker", "none", "--techniques",
+                    "{gradient_centralization: {}, lookahead: {k: 3}, ema: {decay: 0.9}, early_stopping: "
+                    "{metric: val/loss, mode: max, patience: 1}, best_model: {metric: val/loss, mode: max}, "
+                    "dump_params: {}}", launch_config="multi_cpu.yaml")
+    assert result.returncode == 0, result.stderr[-3000:]  # a rank that went on alone would hang the other
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["run"]["num_processes"] == 2
+    validations = [(line["step"], line["val/loss"]) for line in map(json.loads, (tmp_path / "metrics.jsonl").open())
+                   if "val/loss" in line]
+    # The same rule by hand on the logged sequence: stop at the first epoch that does not beat the best so far.
+    best_step, best_value, expected_epochs = None, -float("inf"), None
+    for epoch, (step, value) in enumerate(validations, 1):
+        if value > best_value:
+            best_step, best_value = step, value
+        else:
+            expected_epochs = epoch
+            break
+    assert expected_epochs is not None and summary["run"]["epochs"] == expected_epochs < 10
+    assert summary["best_model"]["step"] == best_step
+    assert summary["best_model"]["value"] == pytest.approx(best_value)
+    rank0, rank1 = (load_file(tmp_path / f"params_rank{rank}.safetensors") for rank in (0, 1))
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    best = load_file(tmp_path / "model_best.safetensors")  # EMA weights of the best epoch, not the final live ones
+    assert not torch.equal(best["head.2.weight"], load_file(tmp_path / "model.safetensors")["head.2.weight"])
+    plain_accuracy(tmp_path / "model_best.safetensors")  # loads strictly into a plain single-process model
