@@ -160,3 +160,43 @@ def test_two_ranks_stop_together_and_export_the_best_ema_weights(tmp_path):
     best = load_file(tmp_path / "model_best.safetensors")  # EMA weights of the best epoch, not the final live ones
     assert not torch.equal(best["head.2.weight"], load_file(tmp_path / "model.safetensors")["head.2.weight"])
     plain_accuracy(tmp_path / "model_best.safetensors")  # loads strictly into a plain single-process model
+
+
+def test_layerwise_lr_groups_carry_the_expected_lrs_and_weight_decays(tmp_path):
+    from framework.models.resnet import ResNet, ResNetConfig
+    from framework.state import TrainState
+    from framework.techniques import LayerwiseLR
+
+    model = ResNet(ResNetConfig())  # stem, blocks.0-2, head: depths 0-4
+    for optimizer in (torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.05),
+                      torch.optim.SGD(model.parameters(), lr=0.01, weight_decay=0.05, momentum=0.9)):
+        state = TrainState(None, model, optimizer, tmp_path)
+        LayerwiseLR(lr_multipliers={"head.*": 10.0}, layer_decay=0.5).before_prepare(state)
+        assert type(state.optimizer) is type(optimizer)
+        lr_of = {n: g["lr"] for g in state.optimizer.param_groups for n in g["names"]}
+        decay_of = {n: g["weight_decay"] for g in state.optimizer.param_groups for n in g["names"]}
+        assert lr_of["stem.0.weight"] == pytest.approx(0.01 * 0.5**4)
+        assert lr_of["blocks.0.branch.0.weight"] == pytest.approx(0.01 * 0.5**3)
+        assert lr_of["blocks.2.shortcut.0.weight"] == pytest.approx(0.01 * 0.5)
+        assert lr_of["head.2.weight"] == pytest.approx(0.01 * 10.0) and lr_of["head.2.bias"] == pytest.approx(0.1)
+        assert decay_of["blocks.1.branch.0.weight"] == 0.05 and decay_of["head.2.weight"] == 0.05
+        assert decay_of["stem.1.weight"] == 0.0 and decay_of["head.2.bias"] == 0.0  # norms and biases
+        assert sum(len(g["params"]) for g in state.optimizer.param_groups) == len(list(model.parameters()))
+        for key in ("momentum", "betas"):
+            if key in optimizer.defaults:
+                assert all(g[key] == optimizer.defaults[key] for g in state.optimizer.param_groups)
+
+
+def test_schedules_scale_every_group_consistently(tmp_path):
+    from framework.techniques import CosineLR, LayerwiseLR
+
+    model_lrs = []
+    trainer = make_trainer(tmp_path, [LayerwiseLR(lr_multipliers={"bias": 0.1}), CosineLR(warmup_steps=2)],
+                           batch_size=2, n=8, epochs=2)
+    trainer.fit()
+    groups = trainer.state.optimizer.param_groups
+    assert len(groups) == 2
+    for group in groups:  # every group followed the same schedule from its own initial LR
+        model_lrs.append(group["lr"] / group["initial_lr"])
+    assert model_lrs[0] == pytest.approx(model_lrs[1])
+    assert {round(g["initial_lr"], 6) for g in groups} == {0.1, 0.01}

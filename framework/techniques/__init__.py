@@ -5,6 +5,7 @@ from framework.techniques.early_stopping import EarlyStopping
 from framework.techniques.ema import EMA, ema_update_
 from framework.techniques.grad_centralization import GradientCentralization, centralize_gradients_
 from framework.techniques.grad_clipping import GradientClipping
+from framework.techniques.layerwise_lr import LayerwiseLR, parameter_groups
 from framework.techniques.lookahead import Lookahead, lookahead_sync_
 from framework.techniques.lr_schedule import (
     CosineLR,
@@ -20,6 +21,6 @@ from framework.techniques.lr_schedule import (
 
 __all__ = [
     "EMA", "BestModel", "EarlyStopping", "GradientCentralization", "Lookahead", "centralize_gradients_",
-    "lookahead_sync_", "CosineLR", "CosineRestartsLR", "ExponentialLR", "GradientClipping", "LRSchedule", "MultiStepLR",
+    "lookahead_sync_", "LayerwiseLR", "parameter_groups", "CosineLR", "CosineRestartsLR", "ExponentialLR", "GradientClipping", "LRSchedule", "MultiStepLR",
     "OneCycleLR", "PlateauLR", "StepLR", "ema_update_", "schedule_lrs",
 ]
