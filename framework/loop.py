@@ -166,7 +166,7 @@ class Trainer:
                     self._call("after_backward")
                     stepped = accelerator.sync_gradients
                     if stepped:
-                        self._optimizer_step()
+                        self._optimizer_step(batch)
                 state.batch_in_epoch += 1
                 batch_samples = task.batch_size(batch) * accelerator.num_processes
                 state.samples_seen += batch_samples
@@ -196,7 +196,7 @@ class Trainer:
             self._evaluate_and_log()  # stopped mid-epoch: still report validation metrics for the final weights
         self._checkpoint()
 
-    def _optimizer_step(self) -> None:
+    def _optimizer_step(self, batch: Any) -> None:
         """Between backward and zero_grad when gradients are synchronised: the hooks around the optimizer step."""
         state = self.state
         self._call("before_optimizer_step")
@@ -204,12 +204,27 @@ class Trainer:
             # Measured only on logging steps (a clipping technique reports it on every step anyway).
             state.log(grad_norm=self.accelerator.clip_grad_norm_(state.model.parameters(), float("inf")))
         if self._step_owner is not None:
-            self._step_owner.optimizer_step(state)
+            self._step_owner.optimizer_step(state, lambda: self._recompute_gradients(batch))
         else:
             state.optimizer.step()
         state.step += 1
         self._call("after_optimizer_step")
         state.optimizer.zero_grad(set_to_none=True)
+
+    def _recompute_gradients(self, batch: Any) -> torch.Tensor:
+        """For the step-owning technique (SAM): forward and backward again on the same batch, then the other
+        techniques' gradient hooks (clipping bounds the gradient that will be applied)."""
+        state, task = self.state, self.task
+        state.optimizer.zero_grad(set_to_none=True)
+        outputs = task.forward(state.model, batch)
+        loss = task.loss(outputs, batch)
+        for hook in self._hooks["on_loss"]:
+            loss = hook(state, loss, batch, outputs)
+        self.accelerator.backward(loss)
+        for hook in self._hooks["before_optimizer_step"]:
+            if hook.__self__ is not self._step_owner:
+                hook(state)
+        return loss.detach()
 
     def _is_log_step(self, step: int) -> bool:
         return step % self.config.log_every == 0 or step == self.state.max_steps

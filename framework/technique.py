@@ -14,7 +14,7 @@ Per optimizer step the loop (framework/loop.py) calls, for every technique in th
           after_backward(state)
           if accelerator.sync_gradients:
             before_optimizer_step(state)              # grads unscaled: clip, centralize, measure
-            optimizer.step()  (or the step-owning technique's optimizer_step)
+            optimizer.step()  (or the step-owning technique's optimizer_step(state, recompute_gradients))
             after_optimizer_step(state)               # EMA update, per-step schedules
             optimizer.zero_grad()
         batch_end(state, logs)
@@ -30,7 +30,7 @@ return the new value instead of mutating hidden state. A technique with state im
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -98,7 +98,10 @@ class Technique:
         return loss
     def after_backward(self, state: TrainState) -> None: ...
     def before_optimizer_step(self, state: TrainState) -> None: ...
-    def optimizer_step(self, state: TrainState) -> None: ...
+    def optimizer_step(self, state: TrainState, recompute_gradients: Callable[[], torch.Tensor]) -> None:
+        """Only for a step-owning technique: take the optimizer step. `recompute_gradients()` zeroes the gradients,
+        runs forward and backward again on the same batch (plus the other techniques' `before_optimizer_step`,
+        e.g. clipping) and returns the loss."""
     def after_optimizer_step(self, state: TrainState) -> None: ...
     def batch_end(self, state: TrainState, logs: dict[str, Any]) -> None: ...
     def epoch_end(self, state: TrainState) -> None: ...

@@ -47,7 +47,7 @@ class Recorder(Technique):
     def batch_end(self, state, logs):
         self.calls.append("batch_end")
 
-    def optimizer_step(self, state):
+    def optimizer_step(self, state, recompute_gradients):
         self.calls.append("optimizer_step")
         state.optimizer.step()
 

@@ -7,6 +7,7 @@ from framework.techniques.grad_centralization import GradientCentralization, cen
 from framework.techniques.grad_clipping import GradientClipping
 from framework.techniques.layerwise_lr import LayerwiseLR, parameter_groups
 from framework.techniques.lookahead import Lookahead, lookahead_sync_
+from framework.techniques.sam import SAM, sam_perturbation
 from framework.techniques.lr_schedule import (
     CosineLR,
     CosineRestartsLR,
@@ -21,6 +22,6 @@ from framework.techniques.lr_schedule import (
 
 __all__ = [
     "EMA", "BestModel", "EarlyStopping", "GradientCentralization", "Lookahead", "centralize_gradients_",
-    "lookahead_sync_", "LayerwiseLR", "parameter_groups", "CosineLR", "CosineRestartsLR", "ExponentialLR", "GradientClipping", "LRSchedule", "MultiStepLR",
+    "lookahead_sync_", "SAM", "sam_perturbation", "LayerwiseLR", "parameter_groups", "CosineLR", "CosineRestartsLR", "ExponentialLR", "GradientClipping", "LRSchedule", "MultiStepLR",
     "OneCycleLR", "PlateauLR", "StepLR", "ema_update_", "schedule_lrs",
 ]

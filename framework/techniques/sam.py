@@ -1,0 +1,67 @@
+"""Sharpness-aware minimisation (Foret et al., https://arxiv.org/abs/2010.01412) and its adaptive variant ASAM
+(Kwon et al., https://arxiv.org/abs/2102.11600): step with the gradient taken at the worst nearby point.
+
+Per optimizer step: the gradient g at w gives the perturbation e (‖e‖ = rho); the gradient is taken again at w + e
+(a second forward-backward on the same batch, all-reduced under DDP as usual); w is restored and the base optimizer
+steps with that second gradient. Hook: `optimizer_step` (SAM owns the step). Other techniques' gradient hooks
+(clipping, centralization) run on both gradients, so clipping bounds the one applied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from framework.errors import ConfigError, IncompatibleError
+from framework.state import TrainState
+from framework.technique import Backend, Technique, register
+
+
+@torch.no_grad()
+def sam_perturbation(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], rho: float,
+                     adaptive: bool = False) -> list[torch.Tensor]:
+    """e = rho · g / ‖g‖, or for ASAM e = rho · w² · g / ‖|w| · g‖ (norms over all parameters together)."""
+    if adaptive:
+        scaled = torch._foreach_mul(torch._foreach_abs(list(params)), list(grads))
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(scaled)))
+        return torch._foreach_mul(torch._foreach_mul(scaled, torch._foreach_abs(list(params))), rho / (norm + 1e-12))
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(grads))))
+    return torch._foreach_mul(list(grads), rho / (norm + 1e-12))
+
+
+@register("sam")
+class SAM(Technique):
+    """Sharpness-aware minimisation around the recipe's optimizer.
+
+    Args:
+        rho: radius of the neighbourhood (0.05 for SAM; ASAM papers use larger values, e.g. 0.5-2.0).
+        adaptive: ASAM: scale the neighbourhood by each weight's magnitude.
+    """
+
+    owns_optimizer_step = True
+
+    def __init__(self, rho: float = 0.05, adaptive: bool = False):
+        if rho <= 0:
+            raise ConfigError(f"sam.rho must be positive, got {rho}.")
+        self.rho, self.adaptive = rho, adaptive
+
+    def check(self, backend: Backend, others: Sequence[Technique]) -> None:
+        if backend.mixed_precision == "fp16":
+            raise IncompatibleError("sam with fp16 needs the loss scale handled across its two passes, which is not "
+                                    "supported yet. Use bf16 or fp32.")
+
+    def fit_start(self, state: TrainState) -> None:
+        if state.accelerator.gradient_accumulation_steps > 1:
+            raise ConfigError("sam takes two forward-backward passes on each batch and cannot accumulate gradients "
+                              "over micro-batches: set gradient_accumulation_steps to 1 (use a larger batch instead).")
+
+    def optimizer_step(self, state: TrainState, recompute_gradients: Callable[[], torch.Tensor]) -> None:
+        params = [p for p in state.model.parameters() if p.grad is not None]
+        perturbation = sam_perturbation(params, [p.grad for p in params], self.rho, self.adaptive)
+        with torch.no_grad():
+            torch._foreach_add_(params, perturbation)  # to the worst nearby point
+        recompute_gradients()
+        with torch.no_grad():
+            torch._foreach_sub_(params, perturbation)  # back, keeping the gradient taken there
+        state.optimizer.step()
