@@ -45,6 +45,8 @@ class TrainerConfig:
     compile: bool = False
     """Compile the model with torch.compile (inductor) when accelerate prepares it; the launch config's
     dynamo_config does the same."""
+    find_lr: bool = False
+    """Run the LR range test (output_dir/lr_finder.png, .json: two suggested LRs) and exit without training."""
     preview_lr: bool = False
     """Draw this run's LR schedule to output_dir/lr_schedule.png and exit without training."""
     log_every: int = 10

@@ -24,6 +24,7 @@ from framework.state import TrainState
 from framework.task import Task
 from framework.plots import plot_lr_curves
 from framework.technique import Technique, build_techniques, check_techniques, hook_table
+from framework.techniques.lr_finder import find_lr
 from framework.techniques.lr_schedule import LRSchedule, schedule_lrs
 from framework.tracking import make_trackers, tracker_init_kwargs
 
@@ -94,6 +95,10 @@ class Trainer:
         state.validates = self.data["val"] is not None and config.eval_every > 0
         if config.preview_lr:
             return self.preview_lr()
+        if config.find_lr:
+            result = find_lr(self)
+            accelerator.end_training()
+            return result
         self._call("fit_start")
         accelerator.register_for_checkpointing(state, *[t for t in self.techniques if t.has_state])
         if self.resume_path is not None:

@@ -7,14 +7,28 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    _pyplot().close(figure)
+    return path
+
+
 def plot_lr_curves(panels: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path,
                    steps_per_epoch: int | None = None, columns: int = 4) -> Path:
     """One subplot per panel, one line per curve (LR against optimizer step); returns the PNG's path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     columns = min(columns, len(panels))
     rows = math.ceil(len(panels) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
@@ -29,9 +43,21 @@ def plot_lr_curves(panels: Mapping[str, Mapping[str, Sequence[float]]], path: st
             ax.legend(fontsize="small")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(figure, path)
+
+
+def plot_lr_finder(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[float],
+                   suggestions: Mapping[str, float], path: str | Path) -> Path:
+    """The LR range test: loss and smoothed loss against LR (log axis), the suggested LRs as dashed lines."""
+    figure, ax = _pyplot().subplots(figsize=(6.5, 4))
+    ax.plot(lrs, losses, alpha=0.3, label="loss")
+    ax.plot(lrs, smoothed, label="smoothed loss")
+    for color, (name, lr) in zip(("C2", "C3"), suggestions.items()):
+        ax.axvline(lr, linestyle="--", color=color, label=f"{name}: {lr:.1e}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss")
+    ax.set_ylim(min(smoothed) * 0.9, min(max(smoothed), 4 * min(smoothed)) * 1.1)
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    return _save(figure, path)
