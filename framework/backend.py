@@ -113,6 +113,39 @@ def deepspeed_plugin(gradient_accumulation_steps: int, values: Mapping[str, Any]
     return plugin
 
 
+def unscale_gradients_once(accelerator: Accelerator, optimizer: torch.optim.Optimizer) -> None:
+    """Unscale fp16 gradients (GradScaler) for this backward pass unless that is done already.
+
+    The loop calls it before `before_optimizer_step`, so every technique sees true gradients. GradScaler raises on
+    a second `unscale_` in one step, which accelerate's own `unscale_gradients` would do; hence this check.
+    """
+    scaler = accelerator.scaler
+    if scaler is None:
+        return
+    from torch.amp.grad_scaler import OptState
+
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if scaler._per_optimizer_states[id(inner)]["stage"] is not OptState.UNSCALED:
+        scaler.unscale_(inner)
+
+
+def forget_unscaling(accelerator: Accelerator, optimizer: torch.optim.Optimizer) -> None:
+    """Before a second backward pass in the same step (SAM): its gradients arrive scaled, so they are unscaled (and
+    checked for inf) anew, and the optimizer step is judged on them."""
+    if accelerator.scaler is not None:
+        from torch.amp.grad_scaler import _refresh_per_optimizer_state
+
+        accelerator.scaler._per_optimizer_states[id(getattr(optimizer, "optimizer", optimizer))] = (
+            _refresh_per_optimizer_state())
+
+
+def clip_grad_norm(accelerator: Accelerator, parameters, max_norm: float, norm_type: float = 2.0):
+    """`accelerator.clip_grad_norm_` for gradients the loop has unscaled already (fp16 would unscale them twice)."""
+    if accelerator.scaler is None:
+        return accelerator.clip_grad_norm_(parameters, max_norm, norm_type=norm_type)
+    return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type=norm_type)
+
+
 def check_launch(accelerator: Accelerator) -> None:
     """Refuse a world size that differs from the launcher's, and fp16 where accelerate would silently run fp32."""
     expected = launched_world_size()

@@ -17,7 +17,13 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from framework.backend import describe_backend, make_accelerator
+from framework.backend import (
+    clip_grad_norm,
+    describe_backend,
+    forget_unscaling,
+    make_accelerator,
+    unscale_gradients_once,
+)
 from framework.checkpoint import check_resumable, clear_run, resolve_resume, save_checkpoint
 from framework.config import TrainerConfig, flatten
 from framework.state import TrainState
@@ -204,10 +210,11 @@ class Trainer:
     def _optimizer_step(self, batch: Any) -> None:
         """Between backward and zero_grad when gradients are synchronised: the hooks around the optimizer step."""
         state = self.state
+        unscale_gradients_once(self.accelerator, state.optimizer)  # fp16: hooks see true gradients
         self._call("before_optimizer_step")
         if "grad_norm" not in state.logs and self._is_log_step(state.step + 1):
             # Measured only on logging steps (a clipping technique reports it on every step anyway).
-            state.log(grad_norm=self.accelerator.clip_grad_norm_(state.model.parameters(), float("inf")))
+            state.log(grad_norm=clip_grad_norm(self.accelerator, state.model.parameters(), float("inf")))
         if self._step_owner is not None:
             self._step_owner.optimizer_step(state, lambda: self._recompute_gradients(batch))
         else:
@@ -221,11 +228,13 @@ class Trainer:
         techniques' gradient hooks (clipping bounds the gradient that will be applied)."""
         state, task = self.state, self.task
         state.optimizer.zero_grad(set_to_none=True)
+        forget_unscaling(self.accelerator, state.optimizer)  # fp16: the new gradients arrive scaled
         outputs = task.forward(state.model, batch)
         loss = task.loss(outputs, batch)
         for hook in self._hooks["on_loss"]:
             loss = hook(state, loss, batch, outputs)
         self.accelerator.backward(loss)
+        unscale_gradients_once(self.accelerator, state.optimizer)
         for hook in self._hooks["before_optimizer_step"]:
             if hook.__self__ is not self._step_owner:
                 hook(state)

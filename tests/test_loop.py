@@ -57,7 +57,7 @@ class Recorder(Technique):
 
 
 def make_trainer(tmp_path, techniques=(), batch_size=2, n=8, accumulation=1, epochs=2, shuffle=False, lr=0.1,
-                 **config):
+                 accelerator=None, **config):
     torch.manual_seed(0)
     data = tiny_classification_data(n)
     model = torch.nn.Linear(4, 3)
@@ -66,7 +66,8 @@ def make_trainer(tmp_path, techniques=(), batch_size=2, n=8, accumulation=1, epo
                            gradient_accumulation_steps=accumulation, **config)
     loader = DataLoader(data, batch_size=batch_size, shuffle=shuffle)
     return Trainer(config, model, optimizer, ClassificationTask(), loader,
-                   DataLoader(data[:4], batch_size=2), DataLoader(data[4:], batch_size=2), techniques=list(techniques))
+                   DataLoader(data[:4], batch_size=2), DataLoader(data[4:], batch_size=2), techniques=list(techniques),
+                   accelerator=accelerator)
 
 
 def expected_calls(batches: int, accumulation: int, epochs: int) -> list[str]:

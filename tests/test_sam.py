@@ -69,8 +69,6 @@ def test_sam_refusals(tmp_path):
         check_techniques([SAM()], Backend("DEEPSPEED", 2, deepspeed_stage=2))
     with pytest.raises(IncompatibleError, match="only one"):
         check_techniques([SAM(), SAM(rho=0.1)], Backend())
-    with pytest.raises(IncompatibleError, match="fp16"):
-        check_techniques([SAM()], Backend(mixed_precision="fp16", device_type="cuda"))
     with pytest.raises(ConfigError, match="gradient_accumulation_steps to 1"):
         make_trainer(tmp_path, [SAM()], accumulation=2).fit()
 

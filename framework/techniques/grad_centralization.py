@@ -34,9 +34,6 @@ class GradientCentralization(Technique):
         if backend.distributed_type == "DEEPSPEED":
             raise IncompatibleError("gradient_centralization: the DeepSpeed engine steps inside backward, before "
                                     "gradients could be changed. Use a DDP launch config or remove it.")
-        if backend.mixed_precision == "fp16":
-            raise IncompatibleError("gradient_centralization needs unscaled gradients, which fp16's loss scaling "
-                                    "does not give it here yet. Use bf16 or fp32.")
 
     def before_optimizer_step(self, state: TrainState) -> None:
         centralize_gradients_(state.model.parameters())

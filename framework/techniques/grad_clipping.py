@@ -1,5 +1,5 @@
-"""Gradient clipping by global norm, through `accelerator.clip_grad_norm_` (which unscales fp16 gradients first and
-knows how DDP/FSDP/DeepSpeed hold them). Pascanu et al., https://arxiv.org/abs/1211.5063.
+"""Gradient clipping by global norm (through `accelerator.clip_grad_norm_`, which knows how DDP / FSDP / DeepSpeed hold
+gradients; under fp16 the loop has unscaled them once already). Pascanu et al., https://arxiv.org/abs/1211.5063.
 
 The pure function is torch's own `torch.nn.utils.clip_grad_norm_`, which accelerate calls after unscaling; the
 tests check this technique against it. Hook: `before_optimizer_step`. Logs `grad_norm`, the global norm
@@ -13,6 +13,7 @@ from typing import Any
 
 from accelerate.utils import DistributedType
 
+from framework.backend import clip_grad_norm
 from framework.errors import ConfigError, IncompatibleError
 from framework.state import TrainState
 from framework.technique import Backend, Technique, register
@@ -34,6 +35,9 @@ class GradientClipping(Technique):
         self.norm_type = norm_type
 
     def check(self, backend: Backend, others: Sequence[Technique]) -> None:
+        if backend.distributed_type == "FSDP" and backend.mixed_precision == "fp16":
+            raise IncompatibleError("gradient_clipping under FSDP with fp16 is not supported (its sharded loss scaler "
+                                    "needs FSDP's own clipping). Use fsdp.yaml's bf16.")
         if backend.distributed_type == "DEEPSPEED" and self.norm_type != 2.0:
             raise IncompatibleError(
                 "gradient_clipping: the DeepSpeed engine clips by the 2-norm only; set norm_type 2.0."
@@ -45,5 +49,5 @@ class GradientClipping(Technique):
     def before_optimizer_step(self, state: TrainState) -> None:
         if state.accelerator.distributed_type == DistributedType.DEEPSPEED:
             return  # the engine already clipped in its step; the loop logs the engine's global norm
-        norm = state.accelerator.clip_grad_norm_(state.model.parameters(), self.max_norm, norm_type=self.norm_type)
+        norm = clip_grad_norm(state.accelerator, state.model.parameters(), self.max_norm, self.norm_type)
         state.log(grad_norm=norm)

@@ -4,7 +4,8 @@
 Per optimizer step: the gradient g at w gives the perturbation e (‖e‖ = rho); the gradient is taken again at w + e
 (a second forward-backward on the same batch, all-reduced under DDP as usual); w is restored and the base optimizer
 steps with that second gradient. Hook: `optimizer_step` (SAM owns the step). Other techniques' gradient hooks
-(clipping, centralization) run on both gradients, so clipping bounds the one applied.
+(clipping, centralization) run on both gradients, so clipping bounds the one applied. Under fp16 the loop unscales
+each pass's gradients once; an overflow in the first pass skips the step, as the loss scaler would.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from framework.errors import ConfigError, IncompatibleError
+from framework.errors import ConfigError
 from framework.state import TrainState
-from framework.technique import Backend, Technique, register
+from framework.technique import Technique, register
 
 
 @torch.no_grad()
@@ -46,11 +47,6 @@ class SAM(Technique):
             raise ConfigError(f"sam.rho must be positive, got {rho}.")
         self.rho, self.adaptive = rho, adaptive
 
-    def check(self, backend: Backend, others: Sequence[Technique]) -> None:
-        if backend.mixed_precision == "fp16":
-            raise IncompatibleError("sam with fp16 needs the loss scale handled across its two passes, which is not "
-                                    "supported yet. Use bf16 or fp32.")
-
     def fit_start(self, state: TrainState) -> None:
         if state.accelerator.gradient_accumulation_steps > 1:
             raise ConfigError("sam takes two forward-backward passes on each batch and cannot accumulate gradients "
@@ -59,6 +55,9 @@ class SAM(Technique):
     def optimizer_step(self, state: TrainState, recompute_gradients: Callable[[], torch.Tensor]) -> None:
         params = [p for p in state.model.parameters() if p.grad is not None]
         perturbation = sam_perturbation(params, [p.grad for p in params], self.rho, self.adaptive)
+        if not all(torch.isfinite(torch.stack(torch._foreach_norm(perturbation)))):
+            state.optimizer.step()  # an fp16 overflow: the loss scaler skips this step (and lowers the scale)
+            return
         with torch.no_grad():
             torch._foreach_add_(params, perturbation)  # to the worst nearby point
         recompute_gradients()

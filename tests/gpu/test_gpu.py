@@ -42,3 +42,15 @@ def test_recipe_on_one_gpu(tmp_path, case):
     assert summary["metrics"]["test/accuracy"] > 0.9
     exported = plain_accuracy(tmp_path / "model_ema.safetensors")  # the consolidated export loads on CPU
     assert exported == pytest.approx(summary["metrics"]["test/accuracy"], abs=3 / 360)
+
+
+def test_sam_and_centralization_under_fp16(tmp_path):
+    """fp16 with a GradScaler: each of SAM's passes is unscaled once; centralization and clipping see true
+    gradients; ranks (one GPU here) train normally."""
+    result = launch(DUMP, *CONFIG, "--output_dir", str(tmp_path), "--epochs", "8", "--tracker", "none",
+                    "--techniques.sam", "{rho: 0.05}", "--techniques.gradient_centralization", "{}",
+                    launch_config="fp16.yaml")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["run"]["mixed_precision"] == "fp16" and "sam" in summary["run"]["techniques"]
+    assert summary["metrics"]["test/accuracy"] > 0.9
