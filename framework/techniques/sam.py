@@ -55,8 +55,9 @@ class SAM(Technique):
     def optimizer_step(self, state: TrainState, recompute_gradients: Callable[[], torch.Tensor]) -> None:
         params = [p for p in state.model.parameters() if p.grad is not None]
         perturbation = sam_perturbation(params, [p.grad for p in params], self.rho, self.adaptive)
-        if not all(torch.isfinite(torch.stack(torch._foreach_norm(perturbation)))):
-            state.optimizer.step()  # an fp16 overflow: the loss scaler skips this step (and lowers the scale)
+        overflow_possible = state.accelerator.scaler is not None  # fp16; checked only then (a host sync)
+        if overflow_possible and not torch.isfinite(torch.stack(torch._foreach_norm(perturbation))).all():
+            state.optimizer.step()  # the loss scaler sees the overflow, skips this step and lowers the scale
             return
         with torch.no_grad():
             torch._foreach_add_(params, perturbation)  # to the worst nearby point
