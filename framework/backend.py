@@ -22,6 +22,7 @@ from accelerate.utils import (
     DistributedType,
     InitProcessGroupKwargs,
     ProjectConfiguration,
+    broadcast,
 )
 
 from framework.errors import ConfigError, LaunchError
@@ -144,6 +145,19 @@ def clip_grad_norm(accelerator: Accelerator, parameters, max_norm: float, norm_t
     if accelerator.scaler is None:
         return accelerator.clip_grad_norm_(parameters, max_norm, norm_type=norm_type)
     return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type=norm_type)
+
+
+def full_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's whole weights as CPU copies on the main process (empty elsewhere under ZeRO-3). Every rank must
+    call it: under ZeRO-3 it gathers the shards."""
+    weights = accelerator.get_state_dict(model) or {}
+    return {name: t.detach().cpu().contiguous().clone() for name, t in weights.items()}
+
+
+def main_process_decides(accelerator: Accelerator, decision: bool) -> bool:
+    """Rank 0's `decision`, on every rank: a stop or save that must happen everywhere or nowhere."""
+    flag = torch.tensor([float(decision)], device=accelerator.device)
+    return bool(broadcast(flag, from_process=0).item())
 
 
 def check_launch(accelerator: Accelerator) -> None:

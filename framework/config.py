@@ -120,7 +120,7 @@ def _split_technique_overrides(args: list[str], parser: Any) -> tuple[list[tuple
         flag, _, inline = arg.partition("=")
         parts = flag.split(".")
         if len(parts) == 3 and parts[0] == "--techniques":
-            if inline or "=" in arg:
+            if "=" in arg:
                 value = inline
             elif index + 1 < len(args):
                 index += 1

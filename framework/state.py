@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from framework.errors import ConfigError
+
 if TYPE_CHECKING:
     import torch
     from accelerate import Accelerator
@@ -40,6 +42,23 @@ class TrainState:
     summary: dict[str, Any] = field(default_factory=dict)  # what techniques add to summary.json
     eval_metrics: dict[str, float] = field(default_factory=dict)  # the latest validation's results
     eval_step: int = -1  # the step at which eval_metrics were measured (== step: fresh at this epoch's end)
+
+    @property
+    def validated_now(self) -> bool:
+        """True at an epoch end whose validation has just run (eval_every may skip epochs)."""
+        return self.eval_step == self.step
+
+    def require_validation(self, who: str, metric: str) -> None:
+        """For techniques driven by a validation metric: refuse, at fit_start, a run that never validates."""
+        if not self.validates:
+            raise ConfigError(f"{who} watches the validation metric {metric!r}, but this run has no validation data "
+                              "(or eval_every is 0). Give it validation data or remove it.")
+
+    def validation_metric(self, who: str, metric: str) -> float:
+        """The latest value of a validation metric, or an error that lists the ones there are."""
+        if metric not in self.eval_metrics:
+            raise ConfigError(f"{who}.metric {metric!r} is not among the validation metrics {sorted(self.eval_metrics)}.")
+        return self.eval_metrics[metric]
 
     def log(self, **values: Any) -> None:
         """Report values for the current step; the loop writes them out at its logging interval (no host sync)."""

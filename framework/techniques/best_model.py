@@ -11,9 +11,9 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
-from accelerate.utils import broadcast
 from safetensors.torch import save_file
 
+from framework.backend import full_state_dict, main_process_decides
 from framework.errors import ConfigError
 from framework.state import TrainState
 from framework.technique import Technique, register
@@ -26,8 +26,7 @@ def evaluated_weights(state: TrainState) -> dict[str, torch.Tensor]:
         weights = getattr(technique, "evaluated_state_dict", lambda _: None)(state)
         if weights is not None:
             return weights
-    weights = state.accelerator.get_state_dict(state.model) or {}  # all ranks take part under ZeRO-3
-    return {name: t.detach().cpu().contiguous().clone() for name, t in weights.items()}
+    return full_state_dict(state.accelerator, state.model)
 
 
 @register("best_model")
@@ -41,22 +40,16 @@ class BestModel(Technique):
         self.ranking: list[dict[str, Any]] = []  # best first: {"value", "step", "file"}
 
     def fit_start(self, state: TrainState) -> None:
-        if not state.validates:
-            raise ConfigError(f"best_model ranks weights by the validation metric {self.metric!r}, but this run has "
-                              "no validation data (or eval_every is 0).")
+        state.require_validation(self.name, self.metric)
 
     def _qualifies(self, value: float) -> bool:
         return len(self.ranking) < self.top_k or improved(value, self.ranking[-1]["value"], self.mode, 0.0)
 
     def epoch_end(self, state: TrainState) -> None:
-        if state.eval_step != state.step or any(entry["step"] == state.step for entry in self.ranking):
+        if not state.validated_now or any(entry["step"] == state.step for entry in self.ranking):
             return
-        if self.metric not in state.eval_metrics:
-            raise ConfigError(f"best_model.metric {self.metric!r} is not among the validation metrics "
-                              f"{sorted(state.eval_metrics)}.")
-        value = state.eval_metrics[self.metric]
-        keep = torch.tensor([float(self._qualifies(value))], device=state.accelerator.device)
-        if not broadcast(keep, from_process=0).item():  # one decision for all ranks (the gather below is collective)
+        value = state.validation_metric(self.name, self.metric)
+        if not main_process_decides(state.accelerator, self._qualifies(value)):  # the gather below is collective
             return
         weights = evaluated_weights(state)
         if not state.accelerator.is_main_process:

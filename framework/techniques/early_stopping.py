@@ -11,9 +11,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
-import torch
-from accelerate.utils import broadcast
-
+from framework.backend import main_process_decides
 from framework.errors import ConfigError
 from framework.state import TrainState
 from framework.technique import Technique, register
@@ -38,24 +36,17 @@ class EarlyStopping(Technique):
         self.stopped_at_epoch: int | None = None
 
     def fit_start(self, state: TrainState) -> None:
-        if not state.validates:
-            raise ConfigError(f"early_stopping watches the validation metric {self.metric!r}, but this run has no "
-                              "validation data (or eval_every is 0).")
+        state.require_validation(self.name, self.metric)
 
     def epoch_end(self, state: TrainState) -> None:
-        if state.eval_step != state.step:  # no validation at the end of this epoch (eval_every > 1)
+        if not state.validated_now:  # no validation at the end of this epoch (eval_every > 1)
             return
-        if self.metric not in state.eval_metrics:
-            raise ConfigError(f"early_stopping.metric {self.metric!r} is not among the validation metrics "
-                              f"{sorted(state.eval_metrics)}.")
-        value = state.eval_metrics[self.metric]
+        value = state.validation_metric(self.name, self.metric)
         if improved(value, self.best, self.mode, self.min_delta):
             self.best, self.evaluations_without_improvement = value, 0
         else:
             self.evaluations_without_improvement += 1
-        stop = torch.tensor([float(self.evaluations_without_improvement >= self.patience)],
-                            device=state.accelerator.device)
-        if broadcast(stop, from_process=0).item():  # one decision for all ranks
+        if main_process_decides(state.accelerator, self.evaluations_without_improvement >= self.patience):
             state.should_stop = True
             self.stopped_at_epoch = state.epoch
 

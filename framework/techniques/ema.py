@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from framework.backend import full_state_dict
 from framework.errors import ConfigError
 from framework.state import TrainState
 from framework.technique import Technique, register
@@ -125,8 +126,7 @@ class EMA(Technique):
     def ema_state_dict(self, state: TrainState) -> dict[str, torch.Tensor]:
         """The averaged weights as one state dict on the main process (gathered under ZeRO-3; all ranks call)."""
         self._swap_in()
-        weights = state.accelerator.get_state_dict(state.model) or {}  # ZeRO-3: consolidated on the main rank only
-        weights = {name: t.detach().cpu().contiguous().clone() for name, t in weights.items()}  # before swapping out
+        weights = full_state_dict(state.accelerator, state.model)  # copies, taken before swapping out
         self._swap_out()
         return weights
 

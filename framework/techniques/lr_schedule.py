@@ -247,20 +247,14 @@ class PlateauLR(LRSchedule):
                                               min_lr=self.min_lr)
 
     def fit_start(self, state: TrainState) -> None:
-        if not state.validates:
-            raise ConfigError(f"plateau_lr steps on the validation metric {self.metric!r}, but this run has no "
-                              "validation data (or eval_every is 0). Give it validation data or use another schedule.")
+        state.require_validation(self.name, self.metric)
         super().fit_start(state)
         if not self.warmup:
             self.after_warmup = self.scheduler
 
     def epoch_end(self, state: TrainState) -> None:
-        if state.step <= self.warmup or state.eval_step != state.step:  # in warmup, or no validation this epoch
-            return
-        if self.metric not in state.eval_metrics:
-            raise ConfigError(f"plateau_lr.metric {self.metric!r} is not among the validation metrics "
-                              f"{sorted(state.eval_metrics)}.")
-        self.after_warmup.step(state.eval_metrics[self.metric])
+        if state.step > self.warmup and state.validated_now:
+            self.after_warmup.step(state.validation_metric(self.name, self.metric))
 
     def state_dict(self) -> dict[str, Any]:
         return {"scheduler": self.scheduler.state_dict(), "after_warmup": self.after_warmup.state_dict()}
