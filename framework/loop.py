@@ -78,7 +78,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         self.data = {"train": train_data, "val": eval_data, "test": test_data}
         self.state = TrainState(self.accelerator, model, optimizer, Path(config.output_dir),
-                                techniques=self.techniques)
+                                techniques=self.techniques, task=task)
         self._hooks = hook_table(self.techniques)
         self._step_owner = next((t for t in self.techniques if t.owns_optimizer_step), None)
         self._last_checkpoint_step = -1
@@ -96,6 +96,7 @@ class Trainer:
         for split in ("val", "test"):
             if self.data[split] is not None:
                 self.data[split] = accelerator.prepare(self.data[split])
+        state.train_data = self.data["train"]
         state.steps_per_epoch = math.ceil(len(self.data["train"]) / config.gradient_accumulation_steps)
         state.max_steps = config.max_steps or config.epochs * state.steps_per_epoch
         state.validates = self.data["val"] is not None and config.eval_every > 0
@@ -165,7 +166,9 @@ class Trainer:
             loader.set_epoch(state.epoch)
             if state.batch_in_epoch:  # resuming mid-epoch: continue after the batches already consumed
                 loader = accelerator.skip_first_batches(loader, state.batch_in_epoch)
+            window.wait_for_data()
             for batch in loader:
+                window.data_arrived()
                 for hook in hooks["on_batch"]:
                     batch = hook(state, batch)
                 with accelerator.accumulate(state.model):
@@ -181,7 +184,7 @@ class Trainer:
                 state.batch_in_epoch += 1
                 batch_samples = task.batch_size(batch) * accelerator.num_processes
                 state.samples_seen += batch_samples
-                window.add(loss, batch_samples)
+                window.add(loss, batch_samples, task.train_metrics(outputs, batch))
                 for hook in hooks["batch_end"]:
                     hook(state, {"loss": loss.detach(), **state.logs})
                 if not stepped:
@@ -194,6 +197,7 @@ class Trainer:
                     self._checkpoint()
                 if state.step >= state.max_steps or state.should_stop:
                     break
+                window.wait_for_data()
             if state.batch_in_epoch >= len(self.data["train"]):  # the epoch ran to its end
                 state.epoch += 1
                 state.batch_in_epoch = 0
@@ -314,7 +318,8 @@ class Trainer:
 
 
 class _LogWindow:
-    """Sums losses and counts samples between log lines on the device, so steps in between never wait on the host."""
+    """Sums losses and metrics between log lines on the device, so steps in between never wait on the host; times
+    how long the loop waited for the next batch (`perf/data_wait`: that share of wall time, an input bottleneck)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -322,23 +327,35 @@ class _LogWindow:
 
     def reset(self) -> None:
         self.loss_sum = torch.zeros((), device=self.device)
+        self.metric_sums: dict[str, torch.Tensor] = {}
         self.batches = 0
         self.samples = 0
-        self.started = time.perf_counter()
+        self.data_wait = 0.0
+        self.started = self.waiting_since = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, samples: int) -> None:
+    def wait_for_data(self) -> None:
+        self.waiting_since = time.perf_counter()
+
+    def data_arrived(self) -> None:
+        self.data_wait += time.perf_counter() - self.waiting_since
+
+    def add(self, loss: torch.Tensor, samples: int, metrics: dict[str, torch.Tensor]) -> None:
         self.loss_sum += loss.detach().float()
+        for name, value in metrics.items():
+            self.metric_sums[name] = self.metric_sums.get(name, 0) + value.detach().float()
         self.batches += 1
         self.samples += samples
 
     def flush(self, accelerator: Accelerator, logs: dict[str, Any]) -> dict[str, Any]:
-        """Mean loss over ranks plus the techniques' logged values, as floats (one host sync for all of them)."""
-        mean_loss = accelerator.reduce(self.loss_sum / max(self.batches, 1), reduction="mean")
-        names = ["train/loss", *logs]
-        tensors = [mean_loss] + [torch.as_tensor(v, dtype=torch.float32, device=mean_loss.device).reshape(())
-                                  for v in logs.values()]
-        values = dict(zip(names, torch.stack(tensors).tolist()))
+        """Means over ranks of loss and task metrics, plus the techniques' logged values, as floats (one host sync)."""
+        means = {"train/loss": self.loss_sum, **{f"train/{k}": v for k, v in self.metric_sums.items()}}
+        means = accelerator.reduce(torch.stack(list(means.values())) / max(self.batches, 1), reduction="mean")
+        names = ["train/loss", *(f"train/{k}" for k in self.metric_sums), *logs]
+        tensors = [means] + [torch.as_tensor(v, dtype=torch.float32, device=means.device).reshape(1)
+                             for v in logs.values()]
+        values = dict(zip(names, torch.cat(tensors).tolist()))
         elapsed = time.perf_counter() - self.started
         values["samples_per_second"] = self.samples / elapsed if elapsed > 0 else 0.0
+        values["perf/data_wait"] = self.data_wait / elapsed if elapsed > 0 else 0.0
         self.reset()
         return values

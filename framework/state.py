@@ -38,6 +38,8 @@ class TrainState:
     validates: bool = False  # the run evaluates on validation data at epoch ends (schedules/early stopping need it)
     should_stop: bool = False  # set by a technique (early stopping) to end training after this step/epoch
     techniques: list = field(default_factory=list)  # the run's techniques, in hook order
+    task: Any = None  # the run's Task (Mixup / label smoothing read `num_classes` and `target_key` from it)
+    train_data: Any = None  # the training DataLoader as prepared (progressive resizing finds its size control)
     logs: dict[str, Any] = field(default_factory=dict)  # values for this step's log line (tensors are fine)
     summary: dict[str, Any] = field(default_factory=dict)  # what techniques add to summary.json
     eval_metrics: dict[str, float] = field(default_factory=dict)  # the latest validation's results

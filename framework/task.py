@@ -19,6 +19,10 @@ class Task:
     def loss(self, outputs: Any, batch: Any) -> torch.Tensor:
         raise NotImplementedError
 
+    def train_metrics(self, outputs: Any, batch: Any) -> dict[str, torch.Tensor]:
+        """Per-batch training metrics as 0-dim tensors (kept on the device; the loop averages them per log line)."""
+        return {}
+
     def eval_outputs(self, outputs: Any, batch: Any) -> dict[str, torch.Tensor]:
         return {"loss": self.loss(outputs, batch).reshape(1)}
 
@@ -30,30 +34,43 @@ class Task:
         raise NotImplementedError
 
 
+def dominant_label(target: torch.Tensor) -> torch.Tensor:
+    """Class indices for index targets (B,) or for soft targets (B, C): the class with the largest share."""
+    return target.argmax(dim=-1) if target.is_floating_point() else target
+
+
 class ClassificationTask(Task):
-    """Images (or any inputs) to class logits with cross-entropy.
+    """Inputs to class logits with cross-entropy.
+
+    Targets are class indices (B,) or, after Mixup / CutMix / label smoothing, probabilities (B, num_classes);
+    `F.cross_entropy` takes both. Accuracy is measured against the dominant label of a soft target (the class with
+    the largest share), so training accuracy under Mixup/CutMix is an honest "did it find the main class".
 
     Args:
-        input_key / target_key: the batch's keys for inputs and integer (or soft, float) targets.
-        label_smoothing: ε of `torch.nn.functional.cross_entropy` for training; evaluation reports the plain loss.
+        num_classes: the number of classes (techniques that build soft targets need it).
+        input_key / target_key: the batch's keys for inputs and targets.
     """
 
-    def __init__(self, input_key: str = "pixel_values", target_key: str = "label", label_smoothing: float = 0.0):
+    def __init__(self, num_classes: int, input_key: str = "pixel_values", target_key: str = "label"):
+        self.num_classes = num_classes
         self.input_key = input_key
         self.target_key = target_key
-        self.label_smoothing = label_smoothing
 
     def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(batch[self.input_key])
 
     def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return F.cross_entropy(outputs, batch[self.target_key], label_smoothing=self.label_smoothing)
+        return F.cross_entropy(outputs, batch[self.target_key])
+
+    def train_metrics(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        correct = outputs.detach().argmax(dim=-1) == dominant_label(batch[self.target_key])
+        return {"accuracy": correct.float().mean()}
 
     def eval_outputs(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         target = batch[self.target_key]
         return {
             "loss": F.cross_entropy(outputs.float(), target, reduction="none"),
-            "accuracy": (outputs.argmax(dim=-1) == target).float(),
+            "accuracy": (outputs.argmax(dim=-1) == dominant_label(target)).float(),
         }
 
     def batch_size(self, batch: dict[str, torch.Tensor]) -> int:

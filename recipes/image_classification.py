@@ -43,8 +43,6 @@ class ImageClassificationConfig(TrainerConfig):
     data: ImageDataConfig = field(default_factory=ImageDataConfig)
     model: ResNetConfig = field(default_factory=ResNetConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    label_smoothing: float = 0.1
-    """ε of label-smoothed cross-entropy (Szegedy et al., https://arxiv.org/abs/1512.00567)."""
 
 
 def main(args: list[str] | None = None) -> Trainer:
@@ -53,7 +51,7 @@ def main(args: list[str] | None = None) -> Trainer:
     loaders = image_loaders(config.data, seed=config.seed)
     model = ResNet(config.model)
     trainer = Trainer(config, model, config.optimizer.build(model.parameters()),
-                      ClassificationTask(label_smoothing=config.label_smoothing),
+                      ClassificationTask(num_classes=config.model.num_classes),
                       loaders["train"], loaders["validation"], loaders["test"])
     trainer.fit()
     return trainer

@@ -65,7 +65,7 @@ def make_trainer(tmp_path, techniques=(), batch_size=2, n=8, accumulation=1, epo
     config = TrainerConfig(output_dir=str(tmp_path), epochs=epochs, tracker="none", log_every=1,
                            gradient_accumulation_steps=accumulation, **config)
     loader = DataLoader(data, batch_size=batch_size, shuffle=shuffle)
-    return Trainer(config, model, optimizer, ClassificationTask(), loader,
+    return Trainer(config, model, optimizer, ClassificationTask(num_classes=3), loader,
                    DataLoader(data[:4], batch_size=2), DataLoader(data[4:], batch_size=2), techniques=list(techniques),
                    accelerator=accelerator)
 
