@@ -6,7 +6,7 @@ import json
 import math
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from framework.plots import plot_lr_curves
 from framework.technique import Technique, build_techniques, check_techniques, hook_table
 from framework.techniques.lr_finder import find_lr
 from framework.techniques.lr_schedule import LRSchedule, schedule_lrs
-from framework.tracking import make_trackers, tracker_init_kwargs
+from framework.tracking import log_picture, make_trackers, tracker_init_kwargs
 
 
 class Trainer:
@@ -45,6 +45,8 @@ class Trainer:
         train_data / eval_data / test_data: DataLoaders; eval runs every `config.eval_every` epochs, test at the end.
         techniques: plug-ins in hook order; default: built from `config.techniques`.
         accelerator: pass one to control it yourself; default: built from the launch config.
+        pictures: drawn once when training starts, name -> function writing a PNG to the path it is given
+            (`output_dir/NAME.png`); logged to the trackers (e.g. the augmentation grid).
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class Trainer:
         test_data: DataLoader | None = None,
         techniques: Sequence[Technique] | None = None,
         accelerator: Accelerator | None = None,
+        pictures: dict[str, Callable[[Path], Any]] | None = None,
     ):
         self.config = config
         self.task = task
@@ -77,6 +80,7 @@ class Trainer:
             clear_run(config.output_dir)
         self.accelerator.wait_for_everyone()
         self.data = {"train": train_data, "val": eval_data, "test": test_data}
+        self.pictures = dict(pictures or {})
         self.state = TrainState(self.accelerator, model, optimizer, Path(config.output_dir),
                                 techniques=self.techniques, task=task)
         self._hooks = hook_table(self.techniques)
@@ -192,7 +196,7 @@ class Trainer:
                 progress.update(1)
                 if self._is_log_step(state.step):
                     self._log_train(window, progress)
-                state.logs.clear()
+                    state.logs.clear()  # values logged between log lines: the latest one is written
                 if config.checkpoint_every and state.step % config.checkpoint_every == 0:
                     self._checkpoint()
                 if state.step >= state.max_steps or state.should_stop:
@@ -286,6 +290,11 @@ class Trainer:
             (self.state.output_dir / "config.yaml").write_text(yaml.safe_dump(flatten(config), sort_keys=False))
         accelerator.init_trackers(config.project, config=flatten(config),
                                   init_kwargs=tracker_init_kwargs(config.output_dir, config.run_name))
+        if accelerator.is_main_process:
+            for name, draw in self.pictures.items():
+                path = self.state.output_dir / f"{name}.png"
+                draw(path)
+                log_picture(accelerator, name, path, step=self.state.step)
 
     def _finish(self, results: dict[str, Any], seconds: float) -> dict[str, Any]:
         accelerator, state = self.accelerator, self.state

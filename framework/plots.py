@@ -61,3 +61,20 @@ def plot_lr_finder(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequ
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     return _save(figure, path)
+
+
+def plot_image_grid(rows: Sequence[Sequence], column_titles: Sequence[str], path: str | Path) -> Path:
+    """Images as a grid (each a (C, H, W) tensor in [0, 1]), one title per column; returns the PNG's path."""
+    plt = _pyplot()
+    columns = len(rows[0])
+    figure, axes = plt.subplots(len(rows), columns, figsize=(1.3 * columns, 1.3 * len(rows)), squeeze=False)
+    for row, images in zip(axes, rows):
+        for ax, image in zip(row, images):
+            pixels = image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+            ax.imshow(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels, cmap="gray", vmin=0, vmax=1,
+                      interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+    for ax, title in zip(axes[0], column_titles):
+        ax.set_title(title, fontsize="small")
+    return _save(figure, path)

@@ -40,7 +40,7 @@ class TrainState:
     techniques: list = field(default_factory=list)  # the run's techniques, in hook order
     task: Any = None  # the run's Task (Mixup / label smoothing read `num_classes` and `target_key` from it)
     train_data: Any = None  # the training DataLoader as prepared (progressive resizing finds its size control)
-    logs: dict[str, Any] = field(default_factory=dict)  # values for this step's log line (tensors are fine)
+    logs: dict[str, Any] = field(default_factory=dict)  # values for the next log line; the latest wins (tensors are fine)
     summary: dict[str, Any] = field(default_factory=dict)  # what techniques add to summary.json
     eval_metrics: dict[str, float] = field(default_factory=dict)  # the latest validation's results
     eval_step: int = -1  # the step at which eval_metrics were measured (== step: fresh at this epoch's end)
@@ -63,7 +63,7 @@ class TrainState:
         return self.eval_metrics[metric]
 
     def log(self, **values: Any) -> None:
-        """Report values for the current step; the loop writes them out at its logging interval (no host sync)."""
+        """Report values; the loop writes the latest of each at its next log line (tensors: no host sync here)."""
         self.logs.update(values)
 
     def state_dict(self) -> dict[str, Any]:

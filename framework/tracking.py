@@ -8,7 +8,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
+from PIL import Image
 
 
 class JSONLTracker(GeneralTracker):
@@ -69,3 +72,15 @@ def make_trackers(tracker: str, output_dir: str) -> list[Any]:
 def tracker_init_kwargs(output_dir: str, run_name: str | None) -> dict[str, dict[str, Any]]:
     name = run_name or Path(output_dir).resolve().name
     return {"wandb": {"name": name, "dir": str(output_dir)}}
+
+
+def log_picture(accelerator: Accelerator, name: str, path: str | os.PathLike, step: int = 0) -> None:
+    """Log a PNG to every tracker: an image in W&B and TensorBoard, its file name in metrics.jsonl."""
+    pixels = np.asarray(Image.open(path).convert("RGB"))
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            tracker.log_images({name: [pixels]}, step=step)
+        elif tracker.name == "tensorboard":
+            tracker.log_images({name: pixels[None]}, step=step, dataformats="NHWC")
+        elif tracker.name == JSONLTracker.name:
+            tracker.log({f"picture/{name}": Path(path).name}, step=step)

@@ -4,13 +4,13 @@
         --config recipes/configs/image_classification.yaml [--epochs 5] [--techniques.ema.decay 0.99]
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
 
 from framework.config import TrainerConfig, parse_config, run_main
-from framework.data import ImageDataConfig, image_loaders
+from framework.data import ImageDataConfig, image_data
 from framework.loop import Trainer
 from framework.models.resnet import ResNet, ResNetConfig
 from framework.task import ClassificationTask
@@ -48,11 +48,12 @@ class ImageClassificationConfig(TrainerConfig):
 def main(args: list[str] | None = None) -> Trainer:
     config = parse_config(ImageClassificationConfig, args)
     torch.manual_seed(config.seed)  # the same initial weights on every rank and every run
-    loaders = image_loaders(config.data, seed=config.seed)
-    model = ResNet(config.model)
-    trainer = Trainer(config, model, config.optimizer.build(model.parameters()),
-                      ClassificationTask(num_classes=config.model.num_classes),
-                      loaders["train"], loaders["validation"], loaders["test"])
+    data = image_data(config.data, seed=config.seed)
+    # Channels and classes come from the data, so the same recipe serves the digits, CIFAR-10 or your folder.
+    model = ResNet(replace(config.model, in_channels=data.channels, num_classes=data.num_classes))
+    trainer = Trainer(config, model, config.optimizer.build(model.parameters()), ClassificationTask(data.num_classes),
+                      data.loaders["train"], data.loaders["validation"], data.loaders["test"],
+                      pictures={"augmentations": data.draw_augmentations} if config.data.augment else None)
     trainer.fit()
     return trainer
 

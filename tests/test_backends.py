@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from framework.data import ImageDataConfig, image_loaders
+from framework.data import ImageDataConfig, image_data
 from framework.models.resnet import ResNet, ResNetConfig
 from helpers import ROOT, launch
 
@@ -35,7 +35,7 @@ def plain_accuracy(weights_file) -> float:
     model.eval()
     correct = total = 0
     with torch.no_grad():
-        for batch in image_loaders(ImageDataConfig())["test"]:
+        for batch in image_data(ImageDataConfig(num_workers=0)).loaders["test"]:
             correct += (model(batch["pixel_values"]).argmax(-1) == batch["label"]).sum().item()
             total += len(batch["label"])
     return correct / total

@@ -1,94 +1,251 @@
-"""Image data: source -> train/validation/test splits -> torchvision v2 transforms -> DataLoaders."""
+"""Image data: any source -> train/validation/test splits -> torchvision v2 pipelines -> tuned DataLoaders."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import hashlib
+import io
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
-from torchvision.transforms import v2
 
-from framework.data.embedded import digits_dataset
+from framework.data.augment import eval_pipeline, make_augmentation, train_pipeline
+from framework.data.loaders import make_loader
+from framework.data.sources import find_column, load_source, make_splits
 from framework.errors import ConfigError
-
-EMBEDDED = {"digits": digits_dataset}
 
 
 @dataclass
 class ImageDataConfig:
     name: str = "digits"
-    """Data source: `digits` (embedded, scikit-learn's handwritten digits)."""
+    """Source: `digits` (embedded: scikit-learn's handwritten digits), a hub id (`cifar10`), a local folder (one
+    sub-folder per class, or a `save_to_disk` folder) or data files (`train/*.parquet`, `labels.csv`)."""
+    subset: str | None = None
+    """The hub data set's configuration name, if it has several."""
+    image_column: str | None = None
+    """Default: the first column of type Image (a column of file paths is decoded as images)."""
+    label_column: str | None = None
+    """Default: the first ClassLabel column, else `label` / `labels` (strings or integers become a ClassLabel)."""
+    image_mode: str | None = None
+    """PIL mode every image is converted to: `L` (grayscale) or `RGB`. Default: from the first training image."""
     image_size: int = 32
-    """Images are resized to image_size × image_size."""
+    """Training and evaluation images are image_size × image_size."""
+    augment: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    """Training augmentations in order, name -> arguments (see framework/data/augment.py), e.g.
+    {random_resized_crop: {scale: [0.8, 1.0]}, rotation: {degrees: 10}, random_erasing: {p: 0.25}}."""
+    eval_crop_fraction: float = 1.0
+    """Evaluation resizes to image_size / eval_crop_fraction, then center-crops image_size (ImageNet: 0.875)."""
     val_fraction: float = 0.1
     test_fraction: float = 0.2
+    """Used only for the splits the source does not have."""
     split_seed: int = 0
-    """Seed of the stratified train/validation/test split (fixed, independent of the training seed)."""
+    """Seed of the stratified split (fixed, independent of the training seed)."""
     batch_size: int = 64
     """Per-process batch size (the global batch is batch_size × processes × gradient_accumulation_steps)."""
     eval_batch_size: int = 256
-    num_workers: int = 0
-    """DataLoader worker processes (0: load in the training process, best for small in-memory data)."""
+    num_workers: int | None = None
+    """DataLoader worker processes per training process. Default: from the machine's cores (0: in-process)."""
+    prefetch_factor: int = 2
+    """Batches each worker prepares ahead."""
+
+    def __post_init__(self):
+        if not 0 < self.eval_crop_fraction <= 1:
+            raise ConfigError(f"data.eval_crop_fraction must be in (0, 1], got {self.eval_crop_fraction}.")
+        if self.image_mode not in (None, "L", "RGB"):
+            raise ConfigError(f"data.image_mode must be L or RGB, got {self.image_mode!r}.")
+        for name, args in self.augment.items():  # unknown names and bad arguments fail here, before any loading
+            make_augmentation(name, args, self.image_size)
 
 
-def load_image_dataset(name: str) -> datasets.Dataset:
-    if name not in EMBEDDED:
-        raise ConfigError(f"data.name: unknown data set {name!r}. Available: {', '.join(EMBEDDED)}.")
-    return EMBEDDED[name]()
+class ImageBatchTransform:
+    """A split's `with_transform` function: PIL images -> tensors through the pipeline for the current size.
+
+    The size is a tensor in shared memory, so progressive resizing can change it from the training process and the
+    DataLoader's worker processes (persistent ones included) build their next batches at the new size.
+    """
+
+    def __init__(self, make_pipeline: Callable[[int], Callable], image_size: int, image_column: str,
+                 label_column: str, mode: str):
+        self.size = torch.tensor(image_size).share_memory_()
+        self.full_size = image_size
+        self.make_pipeline = make_pipeline
+        self.image_column, self.label_column, self.mode = image_column, label_column, mode
+        self._pipelines: dict[int, Callable] = {}
+
+    def set_size(self, size: int) -> None:
+        self.size.fill_(size)
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        size = int(self.size)
+        if size not in self._pipelines:
+            self._pipelines[size] = self.make_pipeline(size)
+        pipeline = self._pipelines[size]
+        return {"pixel_values": [pipeline(image.convert(self.mode)) for image in batch[self.image_column]],
+                "label": batch[self.label_column]}
 
 
-def split_dataset(dataset: datasets.Dataset, val_fraction: float, test_fraction: float, seed: int,
-                  label_column: str = "label") -> datasets.DatasetDict:
-    """Deterministic, stratified train / validation / test splits of a data set that has none."""
-    if len(dataset) == 0:
-        raise ConfigError("the data set is empty: check the data source.")
-    rest_test = dataset.train_test_split(test_size=test_fraction, seed=seed, stratify_by_column=label_column)
-    train_val = rest_test["train"].train_test_split(
-        test_size=val_fraction / (1.0 - test_fraction), seed=seed, stratify_by_column=label_column
-    )
-    return datasets.DatasetDict(
-        {"train": train_val["train"], "validation": train_val["test"], "test": rest_test["test"]}
-    )
+def size_control(loader: DataLoader) -> ImageBatchTransform | None:
+    """The training transform whose image size progressive resizing sets (None for data not built here)."""
+    return getattr(loader.dataset, "image_transform", None)
 
 
-def channel_stats(dataset: datasets.Dataset, image_column: str = "image") -> tuple[list[float], list[float]]:
-    """Per-channel mean and standard deviation of pixel values in [0, 1] (for normalisation)."""
-    pixels = np.stack([np.asarray(image, dtype=np.float32) / 255.0 for image in dataset[image_column]])
-    axes = tuple(range(pixels.ndim - 1)) if pixels.ndim == 4 else None
-    mean, std = pixels.mean(axis=axes), pixels.std(axis=axes)
-    return np.atleast_1d(mean).tolist(), np.atleast_1d(std).tolist()
+@dataclass
+class ImageData:
+    """What a recipe needs from its image data: loaders, classes, channels, and the augmentation picture."""
+
+    config: ImageDataConfig
+    splits: datasets.DatasetDict
+    loaders: dict[str, DataLoader]
+    class_names: list[str]
+    mode: str
+    mean: list[float]
+    std: list[float]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.mode == "L" else 3
+
+    def draw_augmentations(self, path: str | Path, samples: int = 8, versions: int = 6) -> Path:
+        """A grid: each row one training image, at evaluation (left) then as `versions` augmented draws."""
+        from framework.plots import plot_image_grid
+
+        config, column = self.config, self.loaders["train"].dataset.image_transform.image_column
+        original = eval_pipeline(config.image_size, self.mean, self.std, config.eval_crop_fraction, normalize=False)
+        augmented = train_pipeline(config.image_size, config.augment, self.mean, self.std, normalize=False)
+        images = [image.convert(self.mode) for image in self.splits["train"][:samples][column]]
+        with torch.random.fork_rng():  # the picture must not change the training run's random stream
+            torch.manual_seed(0)
+            rows = [[original(image)] + [augmented(image) for _ in range(versions)] for image in images]
+        return plot_image_grid(rows, ["evaluation"] + [f"augmented {i + 1}" for i in range(versions)], path)
 
 
-def image_transform(image_size: int, mean: list[float], std: list[float]) -> v2.Compose:
-    return v2.Compose([
-        v2.ToImage(),
-        v2.Resize((image_size, image_size), antialias=True),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean, std),
-    ])
-
-
-def image_loaders(config: ImageDataConfig, seed: int = 0) -> dict[str, DataLoader]:
-    """Train / validation / test DataLoaders yielding {"pixel_values": (B, C, H, W) float, "label": (B,) long}."""
-    splits = split_dataset(load_image_dataset(config.name), config.val_fraction, config.test_fraction,
-                           config.split_seed)
-    mean, std = channel_stats(splits["train"])
-    transform = image_transform(config.image_size, mean, std)
-
-    def apply(batch: dict) -> dict:
-        return {"pixel_values": [transform(image) for image in batch["image"]], "label": batch["label"]}
+def image_data(config: ImageDataConfig, seed: int = 0) -> ImageData:
+    """Load `config.name`, split it, and build the DataLoaders yielding {"pixel_values": (B, C, H, W) float,
+    "label": (B,) long}. The training loader shuffles with `seed`; its image size can follow a schedule."""
+    loaded = load_source(config.name, config.subset)
+    sample = loaded["train"]
+    image_column = find_column(sample, config.image_column, datasets.Image, ("image", "img"), "image",
+                               "data.image_column")
+    label_column = find_column(sample, config.label_column, datasets.ClassLabel, ("label", "labels"), "label",
+                               "data.label_column")
+    loaded = _decode_columns(loaded, image_column, label_column, config.name)
+    splits = make_splits(loaded, config.val_fraction, config.test_fraction, config.split_seed, label_column)
+    for split, dataset in splits.items():
+        cached(dataset, "checked_images", image_column, lambda: check_images(dataset, image_column, split))
+    mode = config.image_mode or _mode_of(splits["train"][0][image_column])
+    mean, std = cached_channel_stats(splits["train"], image_column, mode)
 
     loaders = {}
     for split, dataset in splits.items():
         training = split == "train"
-        loaders[split] = DataLoader(
-            dataset.with_transform(apply),
-            batch_size=config.batch_size if training else config.eval_batch_size,
-            shuffle=training,
-            num_workers=config.num_workers,
-            generator=torch.Generator().manual_seed(seed) if training else None,
-        )
-    return loaders
+        make_pipeline = (functools.partial(train_pipeline, augment=config.augment, mean=mean, std=std) if training
+                         else functools.partial(eval_pipeline, mean=mean, std=std,
+                                                crop_fraction=config.eval_crop_fraction))
+        transform = ImageBatchTransform(make_pipeline, config.image_size, image_column, label_column, mode)
+        dataset = dataset.with_transform(transform, columns=[image_column, label_column])
+        dataset.image_transform = transform  # found by progressive resizing through the (prepared) loader
+        loaders[split] = make_loader(dataset, config.batch_size if training else config.eval_batch_size,
+                                     shuffle=training, num_workers=config.num_workers,
+                                     prefetch_factor=config.prefetch_factor, seed=seed if training else None)
+    names = splits["train"].features[label_column].names
+    return ImageData(config, splits, loaders, names, mode, mean, std)
 
+
+def _decode_columns(loaded: datasets.DatasetDict, image_column: str, label_column: str,
+                    name: str) -> datasets.DatasetDict:
+    """Image paths -> Image feature; string or integer labels -> one ClassLabel shared by every split."""
+    features = loaded["train"].features
+    if not isinstance(features[image_column], datasets.Image):
+        base = Path(name).parent if Path(name).suffix else Path(".")  # paths in a CSV are relative to the CSV
+        loaded = loaded.map(lambda rows: {image_column: [str(base / p) for p in rows[image_column]]}, batched=True)
+        loaded = loaded.cast_column(image_column, datasets.Image())
+    if not isinstance(features[label_column], datasets.ClassLabel):
+        values = sorted({v for split in loaded.values() for v in split.unique(label_column)})
+        if all(isinstance(v, int) for v in values):
+            if values[0] < 0:
+                raise ConfigError(f"data.label_column {label_column!r} has negative labels ({values[0]}).")
+            label_feature = datasets.ClassLabel(names=[str(i) for i in range(values[-1] + 1)])
+        else:
+            label_feature = datasets.ClassLabel(names=[str(v) for v in values])
+            loaded = loaded.map(lambda rows: {label_column: [str(v) for v in rows[label_column]]}, batched=True)
+        loaded = loaded.cast_column(label_column, label_feature)
+    return loaded
+
+
+def _mode_of(image) -> str:
+    return "L" if image.mode in ("1", "L", "I", "I;16", "F") else "RGB"
+
+
+def channel_stats(dataset: datasets.Dataset, image_column: str, mode: str,
+                  max_images: int = 10_000) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation of pixel values in [0, 1], over up to `max_images` images spread
+    evenly through the data set."""
+    channels = 1 if mode == "L" else 3
+    total, total_sq, count = np.zeros(channels), np.zeros(channels), 0
+    indices = np.linspace(0, len(dataset) - 1, min(len(dataset), max_images)).round().astype(int)
+    for start in range(0, len(indices), 256):
+        for image in dataset.select(indices[start:start + 256])[image_column]:
+            pixels = np.asarray(image.convert(mode), dtype=np.float64).reshape(-1, channels) / 255.0
+            total += pixels.sum(axis=0)
+            total_sq += (pixels ** 2).sum(axis=0)
+            count += pixels.shape[0]
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 1e-12))
+    return mean.tolist(), std.tolist()
+
+
+def check_images(dataset: datasets.Dataset, image_column: str, split: str) -> None:
+    """Open every image's header (cheap: no pixels are decoded) so a corrupt or non-image file is named before
+    training starts, not deep inside a DataLoader worker."""
+    raw = dataset.cast_column(image_column, datasets.Image(decode=False))
+    unreadable = []
+    for start in range(0, len(raw), 1000):
+        for offset, item in enumerate(raw[start:start + 1000][image_column]):
+            try:
+                Image.open(io.BytesIO(item["bytes"]) if item["bytes"] else item["path"]).close()
+            except (OSError, ValueError) as error:
+                unreadable.append(f"{item['path'] or f'{split} sample {start + offset}'} ({error})")
+    if unreadable:
+        raise ConfigError(f"{len(unreadable)} image(s) of the {split} split cannot be read: "
+                          f"{'; '.join(unreadable[:5])}. Remove or replace the corrupt files.")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FRAMEWORK_CACHE", Path.home() / ".cache" / "framework"))
+
+
+def cached(dataset: datasets.Dataset, kind: str, key: str, compute: Callable[[], Any]) -> Any:
+    """`compute()`, cached in a JSON file keyed by the data set's fingerprint, for data read from files (local
+    folders, data files, the hub cache): computed once. In-memory data (the embedded digits) is small and computed
+    each time (its fingerprint is random)."""
+    if not dataset.cache_files:
+        return compute()
+    digest = hashlib.sha256(f"{dataset._fingerprint}-{key}".encode()).hexdigest()[:24]
+    path = cache_dir() / kind / f"{digest}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")  # several ranks may write it at once: rename is atomic
+    temporary.write_text(json.dumps(value))
+    temporary.replace(path)
+    return value
+
+
+def cached_channel_stats(dataset: datasets.Dataset, image_column: str, mode: str) -> tuple[list[float], list[float]]:
+    mean, std = cached(dataset, "channel_stats", f"{image_column}-{mode}",
+                       lambda: channel_stats(dataset, image_column, mode))
+    return list(mean), list(std)

@@ -1,7 +1,8 @@
 """A small ResNet for small images (He et al., https://arxiv.org/abs/1512.03385), CIFAR-style: 3×3 stem, no max-pool.
 
 The last BatchNorm of every residual branch starts at zero (Goyal et al., https://arxiv.org/abs/1706.02677), so each
-block starts as the identity and the network trains like a shallow one at first.
+block starts as the identity and the network trains like a shallow one at first. Every residual branch ends in a
+`DropPath` (the identity until the `stochastic_depth` technique sets its rate).
 """
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from framework.nn.drop_path import DropPath
+
 
 @dataclass
 class ResNetConfig:
     in_channels: int = 1
-    """Image channels (1 for grayscale digits, 3 for RGB)."""
+    """Image channels (1 for grayscale digits, 3 for RGB; the image recipe sets it from the data)."""
     num_classes: int = 10
+    """Output classes (the image recipe sets it from the data)."""
     widths: tuple[int, ...] = (16, 32, 64)
     """Channels of each stage; every stage after the first halves the resolution."""
     blocks_per_stage: int = 1
@@ -39,9 +43,10 @@ class BasicBlock(nn.Module):
             self.shortcut = nn.Sequential(
                 nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
             )
+        self.drop_path = DropPath()  # p = 0: the identity; the stochastic_depth technique sets p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.branch(x) + self.shortcut(x))
+        return torch.relu(self.drop_path(self.branch(x)) + self.shortcut(x))
 
 
 class ResNet(nn.Module):

@@ -6,8 +6,12 @@ from framework.techniques.ema import EMA, ema_update_
 from framework.techniques.grad_centralization import GradientCentralization, centralize_gradients_
 from framework.techniques.grad_clipping import GradientClipping
 from framework.techniques.layerwise_lr import LayerwiseLR, parameter_groups
+from framework.techniques.label_smoothing import LabelSmoothing, smooth_targets
 from framework.techniques.lookahead import Lookahead, lookahead_sync_
+from framework.techniques.mixup import CutMix, Mixup, cutmix_batch, cutmix_box, mixup_batch, one_hot_targets
+from framework.techniques.progressive_resizing import ProgressiveResizing, progressive_size
 from framework.techniques.sam import SAM, sam_perturbation
+from framework.techniques.stochastic_depth import StochasticDepth, depth_rates
 from framework.techniques.lr_schedule import (
     CosineLR,
     CosineRestartsLR,
@@ -24,4 +28,7 @@ __all__ = [
     "EMA", "BestModel", "EarlyStopping", "GradientCentralization", "Lookahead", "centralize_gradients_",
     "lookahead_sync_", "SAM", "sam_perturbation", "LayerwiseLR", "parameter_groups", "CosineLR", "CosineRestartsLR", "ExponentialLR", "GradientClipping", "LRSchedule", "MultiStepLR",
     "OneCycleLR", "PlateauLR", "StepLR", "ema_update_", "schedule_lrs",
+    "LabelSmoothing", "smooth_targets", "Mixup", "CutMix", "mixup_batch", "cutmix_box", "cutmix_batch",
+    "one_hot_targets",
+    "StochasticDepth", "depth_rates", "ProgressiveResizing", "progressive_size",
 ]

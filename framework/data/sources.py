@@ -1,0 +1,105 @@
+"""Every data source through one HF `datasets` path: embedded data, a hub id, a local folder, or data files.
+
+    name                          what is loaded
+    digits / stdlib               embedded, no network (framework/data/embedded.py)
+    path/saved                    a folder written by `Dataset(Dict).save_to_disk` -> `datasets.load_from_disk`
+    data/*.parquet, x.csv, a.txt  data files (parquet, csv, json/jsonl, text, arrow; globs allowed)
+    path/folder or cifar10        `datasets.load_dataset(name)`: a local folder (imagefolder layout, or files in a
+                                  hub repository's layout) or a hub id, the very same call for both
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+
+from framework.data.embedded import EMBEDDED
+from framework.errors import ConfigError
+
+#: File suffix -> the `datasets` builder that reads it.
+FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json", ".txt": "text",
+                 ".arrow": "arrow"}
+#: Split names some data sets use for validation.
+VALIDATION_NAMES = ("validation", "valid", "val", "dev")
+
+
+def load_source(name: str, subset: str | None = None, **builder_kwargs) -> datasets.DatasetDict:
+    """Load `name` (see the module docstring) as a `DatasetDict` (a source without splits comes back as "train")."""
+    path = Path(name)
+    try:
+        if name in EMBEDDED:
+            loaded = EMBEDDED[name]()
+        elif path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+            loaded = datasets.load_from_disk(name)
+        elif path.suffix in FILE_BUILDERS:
+            loaded = datasets.load_dataset(FILE_BUILDERS[path.suffix], data_files=name, **builder_kwargs)
+        else:
+            loaded = datasets.load_dataset(name, subset, **builder_kwargs)
+    except (FileNotFoundError, ConnectionError, ValueError, datasets.exceptions.DatasetNotFoundError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(
+            f"data.name {name!r} could not be loaded ({first_line}). Give an embedded data set "
+            f"({', '.join(EMBEDDED)}), a local folder, data files ({', '.join(FILE_BUILDERS)}), or a hub id (needs "
+            "the network, or the data set in the local HF cache)."
+        ) from error
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({"train": loaded})
+    if "train" not in loaded:
+        raise ConfigError(f"data.name {name!r} has the splits {sorted(loaded)} but no 'train' split.")
+    return loaded
+
+
+def split_dataset(dataset: datasets.Dataset, val_fraction: float, test_fraction: float, seed: int,
+                  stratify_column: str | None = None) -> datasets.DatasetDict:
+    """Deterministic train / validation / test splits of a data set that has none (stratified when a ClassLabel
+    column is named, so every class keeps its share in each split)."""
+    if len(dataset) == 0:
+        raise ConfigError("the data set is empty: check data.name (the folder or files may hold no samples).")
+    rest_test = _split(dataset, test_fraction, seed, stratify_column)
+    train_val = _split(rest_test["train"], val_fraction / (1.0 - test_fraction), seed, stratify_column)
+    return datasets.DatasetDict({"train": train_val["train"], "validation": train_val["test"],
+                                 "test": rest_test["test"]})
+
+
+def make_splits(loaded: datasets.DatasetDict, val_fraction: float, test_fraction: float, seed: int,
+                stratify_column: str | None = None) -> datasets.DatasetDict:
+    """train / validation / test: the source's own splits where it has them, the rest carved from its train split."""
+    validation = next((loaded[name] for name in VALIDATION_NAMES if name in loaded), None)
+    if "test" not in loaded and validation is None:
+        return split_dataset(loaded["train"], val_fraction, test_fraction, seed, stratify_column)
+    train = loaded["train"]
+    if validation is None:  # e.g. cifar10: train + test; validation comes from train, test stays untouched
+        train, validation = _split(train, val_fraction, seed, stratify_column).values()
+    test = loaded["test"] if "test" in loaded else None
+    if test is None:
+        train, test = _split(train, test_fraction, seed, stratify_column).values()
+    splits = datasets.DatasetDict({"train": train, "validation": validation, "test": test})
+    if any(len(split) == 0 for split in splits.values()):
+        raise ConfigError(f"a split is empty ({ {k: len(v) for k, v in splits.items()} }): check data.name.")
+    return splits
+
+
+def _split(dataset: datasets.Dataset, fraction: float, seed: int, stratify_column: str | None):
+    stratify = stratify_column if stratify_column and isinstance(
+        dataset.features.get(stratify_column), datasets.ClassLabel) else None
+    try:
+        return dataset.train_test_split(test_size=fraction, seed=seed, stratify_by_column=stratify)
+    except ValueError as error:  # e.g. too few samples for every class to appear in both parts
+        raise ConfigError(f"cannot split {len(dataset)} samples with fraction {fraction}: {error}") from error
+
+
+def find_column(dataset: datasets.Dataset, wanted: str | None, feature_type: type, names: tuple[str, ...],
+                what: str, option: str) -> str:
+    """The column named `wanted`, else the first of type `feature_type`, else the first of the usual `names`."""
+    columns = dataset.column_names
+    if wanted is not None:
+        if wanted not in columns:
+            raise ConfigError(f"{option} {wanted!r} is not a column of the data set; its columns: {columns}.")
+        return wanted
+    typed = [c for c in columns if isinstance(dataset.features[c], feature_type)]
+    found = typed or [c for c in names if c in columns]
+    if not found:
+        raise ConfigError(f"no {what} column found among {columns}: name it with {option}.")
+    return found[0]
+

@@ -1,0 +1,1 @@
+"""Building blocks for models: layers that techniques control (`DropPath`) and kernels they rely on."""
