@@ -187,8 +187,10 @@ class Trainer:
                         self._optimizer_step(batch)
                 state.batch_in_epoch += 1
                 batch_samples = task.batch_size(batch) * accelerator.num_processes
+                batch_tokens = task.batch_tokens(batch) * accelerator.num_processes
                 state.samples_seen += batch_samples
-                window.add(loss, batch_samples, task.train_metrics(outputs, batch))
+                state.tokens_seen += batch_tokens
+                window.add(loss, batch_samples, batch_tokens, task.train_metrics(outputs, batch))
                 for hook in hooks["batch_end"]:
                     hook(state, {"loss": loss.detach(), **state.logs})
                 if not stepped:
@@ -263,7 +265,7 @@ class Trainer:
         if len(state.optimizer.param_groups) > 1:
             values.update({f"lr/group_{i}": g["lr"] for i, g in enumerate(state.optimizer.param_groups)})
         values.update(epoch=state.epoch + state.batch_in_epoch / max(len(self.data["train"]), 1),
-                      samples_seen=state.samples_seen)
+                      samples_seen=state.samples_seen, **({"tokens_seen": state.tokens_seen} if state.tokens_seen else {}))
         self.accelerator.log(values, step=state.step)
         progress.set_postfix(loss=f"{values['train/loss']:.4f}", samples_s=f"{values['samples_per_second']:.0f}",
                              lr=f"{values['lr']:.2e}", refresh=False)
@@ -339,6 +341,7 @@ class _LogWindow:
         self.metric_sums: dict[str, torch.Tensor] = {}
         self.batches = 0
         self.samples = 0
+        self.tokens = 0
         self.data_wait = 0.0
         self.started = self.waiting_since = time.perf_counter()
 
@@ -348,12 +351,13 @@ class _LogWindow:
     def data_arrived(self) -> None:
         self.data_wait += time.perf_counter() - self.waiting_since
 
-    def add(self, loss: torch.Tensor, samples: int, metrics: dict[str, torch.Tensor]) -> None:
+    def add(self, loss: torch.Tensor, samples: int, tokens: int, metrics: dict[str, torch.Tensor]) -> None:
         self.loss_sum += loss.detach().float()
         for name, value in metrics.items():
             self.metric_sums[name] = self.metric_sums.get(name, 0) + value.detach().float()
         self.batches += 1
         self.samples += samples
+        self.tokens += tokens
 
     def flush(self, accelerator: Accelerator, logs: dict[str, Any]) -> dict[str, Any]:
         """Means over ranks of loss and task metrics, plus the techniques' logged values, as floats (one host sync)."""
@@ -365,6 +369,8 @@ class _LogWindow:
         values = dict(zip(names, torch.cat(tensors).tolist()))
         elapsed = time.perf_counter() - self.started
         values["samples_per_second"] = self.samples / elapsed if elapsed > 0 else 0.0
+        if self.tokens:
+            values["tokens_per_second"] = self.tokens / elapsed if elapsed > 0 else 0.0
         values["perf/data_wait"] = self.data_wait / elapsed if elapsed > 0 else 0.0
         self.reset()
         return values

@@ -3,6 +3,7 @@ evaluation outputs. The loop stays the same."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -32,6 +33,10 @@ class Task:
     def batch_size(self, batch: Any) -> int:
         """Samples in this batch on this rank (for throughput and `samples_seen`)."""
         raise NotImplementedError
+
+    def batch_tokens(self, batch: Any) -> int:
+        """Tokens predicted in this batch on this rank (for `tokens_seen` and tokens/s; 0 when not a sequence task)."""
+        return 0
 
 
 def dominant_label(target: torch.Tensor) -> torch.Tensor:
@@ -75,3 +80,36 @@ class ClassificationTask(Task):
 
     def batch_size(self, batch: dict[str, torch.Tensor]) -> int:
         return batch[self.target_key].shape[0]
+
+
+class LanguageModelTask(Task):
+    """Next-token prediction: the model maps (B, T) tokens to (B, T, vocab) logits; each block of T + 1 tokens
+    gives T predictions. Metrics: loss (nats per token) and `bits_per_token` (loss / ln 2; bits per byte for a
+    byte-level model, comparable across tokenizers only then).
+    """
+
+    def __init__(self, input_key: str = "input_ids"):
+        self.input_key = input_key
+
+    def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(batch[self.input_key][:, :-1])
+
+    def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        targets = batch[self.input_key][:, 1:]
+        return F.cross_entropy(outputs.flatten(0, 1).float(), targets.flatten())
+
+    def eval_outputs(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        targets = batch[self.input_key][:, 1:]
+        per_token = F.cross_entropy(outputs.transpose(1, 2).float(), targets, reduction="none")  # (B, T)
+        return {"loss": per_token.mean(dim=1)}  # blocks have equal length: the mean of means is the token mean
+
+    def compute_metrics(self, gathered: dict[str, torch.Tensor]) -> dict[str, float]:
+        loss = gathered["loss"].float().mean().item()
+        return {"loss": loss, "bits_per_token": loss / math.log(2)}
+
+    def batch_size(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch[self.input_key].shape[0]
+
+    def batch_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        blocks = batch[self.input_key]
+        return blocks.shape[0] * (blocks.shape[1] - 1)

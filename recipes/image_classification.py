@@ -5,7 +5,6 @@
 """
 
 from dataclasses import dataclass, field, replace
-from typing import Literal
 
 import torch
 
@@ -13,25 +12,8 @@ from framework.config import TrainerConfig, parse_config, run_main
 from framework.data import ImageDataConfig, image_data
 from framework.loop import Trainer
 from framework.models.resnet import ResNet, ResNetConfig
+from framework.optim import OptimizerConfig
 from framework.task import ClassificationTask
-
-
-@dataclass
-class OptimizerConfig:
-    name: Literal["adamw", "sgd"] = "adamw"
-    lr: float = 0.01
-    """Peak learning rate."""
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW's betas."""
-    momentum: float = 0.9
-    """SGD's (Nesterov) momentum."""
-
-    def build(self, parameters) -> torch.optim.Optimizer:
-        if self.name == "sgd":
-            return torch.optim.SGD(parameters, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
-                                   nesterov=self.momentum > 0)
-        return torch.optim.AdamW(parameters, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
 
 
 @dataclass

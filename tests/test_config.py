@@ -38,7 +38,7 @@ def test_yaml_and_dotted_overrides():
     assert config.epochs == 3 and config.optimizer.lr == 0.5 and config.data.batch_size == 32
     assert config.techniques["ema"] == {"decay": 0.9, "warmup": True}  # merged into the YAML's entry
     assert config.techniques["gradient_clipping"] is None
-    assert list(config.techniques) == ["cosine_lr", "gradient_clipping", "ema"]
+    assert list(config.techniques) == ["label_smoothing", "cosine_lr", "gradient_clipping", "ema"]
     assert config.tracker == "wandb" and config.resume_from is None and config.max_steps is None
 
 

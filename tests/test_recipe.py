@@ -75,3 +75,21 @@ def test_default_config_reaches_995_test_accuracy(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["metrics"]["test/accuracy"] >= 0.995, summary
     assert (tmp_path / "model_ema.safetensors").exists() and (tmp_path / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_regularized_config_reaches_993_test_accuracy(tmp_path):
+    """recipes/configs/digits_regularized.yaml: augmentation + Mixup/CutMix + label smoothing + stochastic depth
+    on the embedded digits, end to end, ≥ 99.3% test accuracy (the issue's bar; README: its time and the plain
+    recipe beside it)."""
+    config = ROOT / "recipes" / "configs" / "digits_regularized.yaml"
+    result = launch(RECIPE, "--config", str(config), "--output_dir", str(tmp_path), "--tracker", "none")
+    assert result.returncode == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["metrics"]["test/accuracy"] >= 0.993, summary
+    assert {"mixup", "label_smoothing", "stochastic_depth"} <= set(summary["run"]["techniques"])
+    assert (tmp_path / "augmentations.png").stat().st_size > 10_000
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [line for line in lines if "train/loss" in line]
+    assert all(0 <= line["train/accuracy"] <= 1 and 0 <= line["perf/data_wait"] <= 1 for line in train)
+    assert [line["stochastic_depth/rate"] for line in train if "stochastic_depth/rate" in line][-1] == 0.1
