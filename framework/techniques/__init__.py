@@ -4,6 +4,7 @@ from framework.techniques.best_model import BestModel
 from framework.techniques.early_stopping import EarlyStopping
 from framework.techniques.ema import EMA, ema_update_
 from framework.techniques.grad_centralization import GradientCentralization, centralize_gradients_
+from framework.techniques.grad_checkpointing import GradientCheckpointing, checkpoint_modules, remove_checkpointing
 from framework.techniques.grad_clipping import GradientClipping
 from framework.techniques.layerwise_lr import LayerwiseLR, parameter_groups
 from framework.techniques.label_smoothing import LabelSmoothing, smooth_targets
@@ -31,4 +32,5 @@ __all__ = [
     "LabelSmoothing", "smooth_targets", "Mixup", "CutMix", "mixup_batch", "cutmix_box", "cutmix_batch",
     "one_hot_targets",
     "StochasticDepth", "depth_rates", "ProgressiveResizing", "progressive_size",
+    "GradientCheckpointing", "checkpoint_modules", "remove_checkpointing",
 ]

@@ -54,3 +54,24 @@ def test_sam_and_centralization_under_fp16(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["run"]["mixed_precision"] == "fp16" and "sam" in summary["run"]["techniques"]
     assert summary["metrics"]["test/accuracy"] > 0.9
+
+
+def test_regularized_recipe_under_fp16_with_pinned_workers(tmp_path):
+    """Mixup/CutMix soft targets, label smoothing and drop path under fp16 autocast; loaders pin memory on CUDA."""
+    config = ROOT / "recipes" / "configs" / "digits_regularized.yaml"
+    result = launch(ROOT / "recipes" / "image_classification.py", "--config", str(config), "--output_dir",
+                    str(tmp_path), "--tracker", "none", "--epochs", "10", "--data.num_workers", "2",
+                    launch_config="fp16.yaml")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["run"]["mixed_precision"] == "fp16" and summary["metrics"]["test/accuracy"] > 0.9
+
+
+def test_language_model_recipe_under_bf16(tmp_path):
+    result = launch(ROOT / "recipes" / "language_model.py", "--config",
+                    str(ROOT / "recipes" / "configs" / "language_model.yaml"), "--output_dir", str(tmp_path),
+                    "--tracker", "none", "--max_steps", "100", "--model.attention", "chunked",
+                    launch_config="bf16.yaml")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["metrics"]["test/bits_per_token"] < summary["unigram_bits_per_byte"]
