@@ -84,12 +84,13 @@ class ClassificationTask(Task):
 
 class LanguageModelTask(Task):
     """Next-token prediction: the model maps (B, T) tokens to (B, T, vocab) logits; each block of T + 1 tokens
-    gives T predictions. Metrics: loss (nats per token) and `bits_per_token` (loss / ln 2; bits per byte for a
-    byte-level model, comparable across tokenizers only then).
+    gives T predictions. Metrics: loss (nats per token) and `bits_per_<token_name>` (loss / ln 2): bits per byte
+    for a byte-level model, comparable across models whatever their tokenizer only then.
     """
 
-    def __init__(self, input_key: str = "input_ids"):
+    def __init__(self, input_key: str = "input_ids", token_name: str = "token"):
         self.input_key = input_key
+        self.token_name = token_name
 
     def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(batch[self.input_key][:, :-1])
@@ -105,7 +106,7 @@ class LanguageModelTask(Task):
 
     def compute_metrics(self, gathered: dict[str, torch.Tensor]) -> dict[str, float]:
         loss = gathered["loss"].float().mean().item()
-        return {"loss": loss, "bits_per_token": loss / math.log(2)}
+        return {"loss": loss, f"bits_per_{self.token_name}": loss / math.log(2)}
 
     def batch_size(self, batch: dict[str, torch.Tensor]) -> int:
         return batch[self.input_key].shape[0]

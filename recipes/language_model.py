@@ -48,13 +48,13 @@ def main(args: list[str] | None = None) -> Trainer:
     data = text_data(config.data, seed=config.seed)
     # The model covers exactly the context the data gives it.
     model = GPT(replace(config.model, vocab_size=256, context_length=config.data.context_length))
-    trainer = Trainer(config, model, config.optimizer.build(model.parameters()), LanguageModelTask(),
+    trainer = Trainer(config, model, config.optimizer.build(model.parameters()), LanguageModelTask(token_name="byte"),
                       data.loaders["train"], data.loaders["validation"], data.loaders["test"])
     trainer.state.summary["unigram_bits_per_byte"] = data.unigram_bits_per_byte()
     results = trainer.fit()
     if config.sample.length and trainer.accelerator.is_main_process:
         print(f"unigram baseline {results['unigram_bits_per_byte']:.3f} bits/byte; "
-              f"held-out {results['metrics']['test/bits_per_token']:.3f} bits/byte")
+              f"held-out {results['metrics']['test/bits_per_byte']:.3f} bits/byte")
         sample = generate(trainer, config.sample)
         (trainer.state.output_dir / "sample.txt").write_text(sample)
         print(f"--- sample ({config.sample.length} bytes after {config.sample.prompt!r}) ---\n{sample}\n---")

@@ -80,7 +80,7 @@ def test_language_model_recipe_runs_end_to_end(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["run"]["steps"] == 6 and 4.0 < summary["unigram_bits_per_byte"] < 5.5
     # 6 steps of a tiny model: far from trained, but already below 8 bits (uniform over bytes)
-    assert summary["metrics"]["test/bits_per_token"] < 8.0
+    assert summary["metrics"]["test/bits_per_byte"] < 8.0
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [line["tokens_seen"] for line in lines if "train/loss" in line] == [2 * 16 * 64 * k for k in (1, 2, 3)]
     assert len((tmp_path / "sample.txt").read_text(encoding="utf-8")) >= 40

@@ -74,4 +74,4 @@ def test_language_model_recipe_under_bf16(tmp_path):
                     launch_config="bf16.yaml")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["metrics"]["test/bits_per_token"] < summary["unigram_bits_per_byte"]
+    assert summary["metrics"]["test/bits_per_byte"] < summary["unigram_bits_per_byte"]
