@@ -61,6 +61,16 @@ class TrainerConfig:
     """Tracker project name."""
     run_name: Optional[str] = None
     """Tracker run name (default: the output directory's name)."""
+    group: Optional[str] = None
+    """W&B run group (e.g. one sweep or one experiment's seeds)."""
+    tags: list[str] = field(default_factory=list)
+    """W&B run tags."""
+    doctor: bool = True
+    """Run the training doctor (cheap checks that print a finding, its evidence and the fix once); false: off."""
+    overfit_batches: int = 0
+    """Debug: train on the first N batches only (same ones every epoch) and report whether the loss nears zero."""
+    detect_anomaly: bool = False
+    """Debug: torch.autograd's anomaly detection (names the forward op whose backward made a NaN; slow)."""
     techniques: dict[str, Optional[dict[str, Any]]] = field(default_factory=dict)
     """Techniques by registered name with their arguments, in hook order. `--techniques.NAME null` removes one."""
 
@@ -70,6 +80,8 @@ class TrainerConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be at least 1 (or null for no limit), got {self.max_steps}.")
+        if self.overfit_batches < 0:
+            raise ConfigError(f"overfit_batches must be 0 (off) or more, got {self.overfit_batches}.")
         if self.eval_every < 0:
             raise ConfigError(f"eval_every must be 0 (only at the end) or more, got {self.eval_every}.")
 

@@ -26,13 +26,15 @@ from framework.backend import (
 )
 from framework.checkpoint import check_resumable, clear_run, resolve_resume, save_checkpoint
 from framework.config import TrainerConfig, flatten
+from framework.errors import FrameworkError
 from framework.state import TrainState
 from framework.task import Task
 from framework.plots import plot_lr_curves
 from framework.technique import Technique, build_techniques, check_techniques, hook_table
 from framework.techniques.lr_finder import find_lr
 from framework.techniques.lr_schedule import LRSchedule, schedule_lrs
-from framework.tracking import log_picture, make_trackers, tracker_init_kwargs
+from framework.data.loaders import first_batches
+from framework.tracking import log_picture, make_trackers, memory_use, tracker_init_kwargs
 
 
 class Trainer:
@@ -65,6 +67,8 @@ class Trainer:
         self.config = config
         self.task = task
         self.techniques = build_techniques(config.techniques) if techniques is None else list(techniques)
+        if techniques is None and config.doctor and "doctor" not in config.techniques:
+            self.techniques = build_techniques({"doctor": {}}) + self.techniques  # first: it sees the raw loss
         deepspeed_values = {k: v for t in self.techniques for k, v in t.deepspeed_config().items()}
         self.accelerator = accelerator or make_accelerator(
             config.output_dir, config.gradient_accumulation_steps, make_trackers(config.tracker, config.output_dir),
@@ -93,6 +97,8 @@ class Trainer:
         accelerator, config, state = self.accelerator, self.config, self.state
         started = time.perf_counter()
         set_seed(config.seed)
+        if config.overfit_batches:
+            self.data["train"] = first_batches(self.data["train"], config.overfit_batches)
         self._call("before_prepare")
         # One call for model, optimizer and training data: DeepSpeed reads its micro-batch size from the loader.
         state.model, state.optimizer, self.data["train"] = accelerator.prepare(
@@ -118,7 +124,13 @@ class Trainer:
             self._last_checkpoint_step = state.step
         self._start_tracking()
 
-        self._train()
+        try:
+            with torch.autograd.set_detect_anomaly(config.detect_anomaly):
+                self._train()
+        except torch.OutOfMemoryError as error:
+            from framework.techniques.doctor import out_of_memory_report
+
+            raise FrameworkError(out_of_memory_report(error, accelerator.device)) from error
 
         results = dict(state.eval_metrics)
         if self.data["test"] is not None:
@@ -128,16 +140,21 @@ class Trainer:
 
     def preview_lr(self) -> dict[str, Any]:
         """Draw the LR every schedule technique gives each step of this run (first parameter group); no training."""
+        path = self.state.output_dir / "lr_schedule.png"
+        curves = self.draw_lr_schedule(path) if self.accelerator.is_main_process else {}
+        if self.accelerator.is_main_process:
+            print(f"wrote {path}")
+        self.accelerator.end_training()
+        return {"lr_schedule": str(path), "lrs": curves}
+
+    def draw_lr_schedule(self, path: Path) -> dict[str, list[float]]:
+        """The LR each schedule technique gives each step of this run (first parameter group), drawn to `path`."""
         state, schedules = self.state, [t for t in self.techniques if isinstance(t, LRSchedule)]
         base = state.optimizer.param_groups[0]["lr"]
         curves = {t.name: schedule_lrs(t, state.steps_per_epoch, state.max_steps, base) for t in schedules}
         curves = curves or {"constant": [base] * state.max_steps}
-        path = state.output_dir / "lr_schedule.png"
-        if self.accelerator.is_main_process:
-            plot_lr_curves({f"{', '.join(curves)}: {state.max_steps} steps": curves}, path, state.steps_per_epoch)
-            print(f"wrote {path}")
-        self.accelerator.end_training()
-        return {"lr_schedule": str(path), "lrs": curves}
+        plot_lr_curves({f"{', '.join(curves)}: {state.max_steps} steps": curves}, path, state.steps_per_epoch)
+        return curves
 
     @torch.no_grad()
     def evaluate(self, loader: DataLoader, prefix: str = "val") -> dict[str, float]:
@@ -205,6 +222,7 @@ class Trainer:
                     break
                 window.wait_for_data()
             if state.batch_in_epoch >= len(self.data["train"]):  # the epoch ran to its end
+                epoch_end_started = time.perf_counter()
                 state.epoch += 1
                 state.batch_in_epoch = 0
                 last = state.step >= state.max_steps
@@ -212,6 +230,7 @@ class Trainer:
                     self._evaluate_and_log()
                 self._call("epoch_end")
                 self._checkpoint()
+                window.started += time.perf_counter() - epoch_end_started  # throughput counts training time only
         progress.close()
         if self.data["val"] is not None and state.eval_step != state.step:
             self._evaluate_and_log()  # stopped mid-epoch: still report validation metrics for the final weights
@@ -265,8 +284,13 @@ class Trainer:
         if len(state.optimizer.param_groups) > 1:
             values.update({f"lr/group_{i}": g["lr"] for i, g in enumerate(state.optimizer.param_groups)})
         values.update(epoch=state.epoch + state.batch_in_epoch / max(len(self.data["train"]), 1),
-                      samples_seen=state.samples_seen, **({"tokens_seen": state.tokens_seen} if state.tokens_seen else {}))
+                      samples_seen=state.samples_seen, **memory_use(self.accelerator.device))
+        if state.tokens_seen:
+            values["tokens_seen"] = state.tokens_seen
         self.accelerator.log(values, step=state.step)
+        if self.config.overfit_batches:
+            state.summary.setdefault("overfit_batches", {"first_loss": values["train/loss"]})["last_loss"] = \
+                values["train/loss"]
         progress.set_postfix(loss=f"{values['train/loss']:.4f}", samples_s=f"{values['samples_per_second']:.0f}",
                              lr=f"{values['lr']:.2e}", refresh=False)
 
@@ -290,10 +314,13 @@ class Trainer:
         if accelerator.is_main_process:
             self.state.output_dir.mkdir(parents=True, exist_ok=True)
             (self.state.output_dir / "config.yaml").write_text(yaml.safe_dump(flatten(config), sort_keys=False))
-        accelerator.init_trackers(config.project, config=flatten(config),
-                                  init_kwargs=tracker_init_kwargs(config.output_dir, config.run_name))
+        accelerator.init_trackers(config.project, config=flatten(config), init_kwargs=tracker_init_kwargs(
+            config.output_dir, config.run_name, config.group, config.tags))
+        pictures = dict(self.pictures)
+        if any(isinstance(t, LRSchedule) for t in self.techniques) and self.resume_path is None:
+            pictures["lr_schedule"] = self.draw_lr_schedule
         if accelerator.is_main_process:
-            for name, draw in self.pictures.items():
+            for name, draw in pictures.items():
                 path = self.state.output_dir / f"{name}.png"
                 draw(path)
                 log_picture(accelerator, name, path, step=self.state.step)
@@ -303,6 +330,9 @@ class Trainer:
         accelerator.wait_for_everyone()
         accelerator.save_model(state.model, state.output_dir)
         accelerator.log({k: v for k, v in results.items() if k.startswith("test/")}, step=state.step)
+        if "overfit_batches" in state.summary:
+            losses = state.summary["overfit_batches"]
+            losses["near_zero"] = losses["last_loss"] < OVERFIT_NEAR_ZERO
         summary = {
             "metrics": results,
             "run": {
@@ -324,6 +354,8 @@ class Trainer:
         accelerator.end_training()  # closes the trackers (W&B prints its run summary here)
         if accelerator.is_main_process:
             print("\n" + "\n".join(f"{k:>16s} = {v:.4f}" for k, v in results.items()))
+            if "overfit_batches" in state.summary:
+                print(overfit_verdict(self.config.overfit_batches, **state.summary["overfit_batches"]))
             print(f"wrote {state.output_dir}/:\n  " + "\n  ".join(sorted(p.name for p in state.output_dir.iterdir())))
         return summary
 
@@ -361,16 +393,33 @@ class _LogWindow:
 
     def flush(self, accelerator: Accelerator, logs: dict[str, Any]) -> dict[str, Any]:
         """Means over ranks of loss and task metrics, plus the techniques' logged values, as floats (one host sync)."""
-        means = {"train/loss": self.loss_sum, **{f"train/{k}": v for k, v in self.metric_sums.items()}}
-        means = accelerator.reduce(torch.stack(list(means.values())) / max(self.batches, 1), reduction="mean")
-        names = ["train/loss", *(f"train/{k}" for k in self.metric_sums), *logs]
-        tensors = [means] + [torch.as_tensor(v, dtype=torch.float32, device=means.device).reshape(1)
-                             for v in logs.values()]
-        values = dict(zip(names, torch.cat(tensors).tolist()))
         elapsed = time.perf_counter() - self.started
+        # One gather carries every rank's means and step time: the main process logs the mean over ranks and each
+        # rank's step time (a slow rank shows up as one line apart, in the one run).
+        local = torch.stack([self.loss_sum, *self.metric_sums.values()]) / max(self.batches, 1)
+        step_time = torch.tensor([elapsed / max(self.batches, 1)], device=local.device)
+        per_rank = accelerator.gather(torch.cat([local, step_time]).reshape(1, -1))  # (ranks, k + 1)
+        names = ["train/loss", *(f"train/{k}" for k in self.metric_sums), *logs]
+        tensors = [per_rank[:, :-1].mean(dim=0)] + [
+            torch.as_tensor(v, dtype=torch.float32, device=local.device).reshape(1) for v in logs.values()]
+        values = dict(zip(names, torch.cat(tensors).tolist()))
+        values.update({f"perf/step_seconds/rank_{rank}": t for rank, t in enumerate(per_rank[:, -1].tolist())})
         values["samples_per_second"] = self.samples / elapsed if elapsed > 0 else 0.0
         if self.tokens:
             values["tokens_per_second"] = self.tokens / elapsed if elapsed > 0 else 0.0
         values["perf/data_wait"] = self.data_wait / elapsed if elapsed > 0 else 0.0
         self.reset()
         return values
+
+
+#: `--overfit_batches`: a final training loss below this counts as "went near zero".
+OVERFIT_NEAR_ZERO = 0.05
+
+
+def overfit_verdict(batches: int, first_loss: float, last_loss: float, near_zero: bool) -> str:
+    if near_zero:
+        return (f"overfit_batches {batches}: training loss {first_loss:.4f} -> {last_loss:.4f}, near zero: the model, "
+                "loss and optimizer can learn. Now train on all the data.")
+    return (f"overfit_batches {batches}: training loss {first_loss:.4f} -> {last_loss:.4f}, NOT near zero "
+            f"(< {OVERFIT_NEAR_ZERO}). Train longer (--max_steps), raise the LR, turn regularization off (augmentation, "
+            "mixup, label smoothing, dropout, weight decay), and check that labels match inputs.")

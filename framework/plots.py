@@ -78,3 +78,33 @@ def plot_image_grid(rows: Sequence[Sequence], column_titles: Sequence[str], path
     for ax, title in zip(axes[0], column_titles):
         ax.set_title(title, fontsize="small")
     return _save(figure, path)
+
+
+def plot_gradient_flow(stats: Mapping[str, tuple[float, float]], path: str | Path,
+                       title: str = "gradient flow") -> Path:
+    """The classic gradient-flow figure: per layer (input to output), a bar of max |grad| behind a bar of mean |grad|,
+    on a log axis (a vanishing gradient shows as bars falling by decades towards the input). A layer whose gradient
+    is exactly zero has no height on a log axis: it is marked with a red x on the floor. Returns the PNG's path."""
+    plt = _pyplot()
+    names = list(stats)
+    means = [float(mean) for mean, _ in stats.values()]
+    maxima = [float(top) for _, top in stats.values()]
+    positive = [v for v in means + maxima if v > 0]
+    floor = min(positive) / 10 if positive else 1e-12
+    figure, ax = plt.subplots(figsize=(min(max(6.0, 0.3 * len(names) + 2), 30.0), 4.5))
+    x = range(len(names))
+    ax.bar(x, [max(v, floor) for v in maxima], color="C0", alpha=0.35, label="max |grad|")
+    ax.bar(x, [max(v, floor) for v in means], color="C0", alpha=0.9, width=0.5, label="mean |grad|")
+    zeros = [i for i, top in enumerate(maxima) if top <= 0]
+    if zeros:
+        ax.plot(zeros, [floor] * len(zeros), "x", color="C3", markersize=9, label="zero gradient")
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=floor)
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(names, rotation=90, fontsize="small")
+    ax.set_xlim(-0.75, len(names) - 0.25)
+    ax.set_ylabel("|gradient|")
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: never over a bar
+    return _save(figure, path)

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
+import torch
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 from PIL import Image
@@ -69,9 +71,10 @@ def make_trackers(tracker: str, output_dir: str) -> list[Any]:
     return trackers
 
 
-def tracker_init_kwargs(output_dir: str, run_name: str | None) -> dict[str, dict[str, Any]]:
+def tracker_init_kwargs(output_dir: str, run_name: str | None, group: str | None = None,
+                        tags: list[str] | None = None) -> dict[str, dict[str, Any]]:
     name = run_name or Path(output_dir).resolve().name
-    return {"wandb": {"name": name, "dir": str(output_dir)}}
+    return {"wandb": {"name": name, "dir": str(output_dir), "group": group, "tags": list(tags or [])}}
 
 
 def log_picture(accelerator: Accelerator, name: str, path: str | os.PathLike, step: int = 0) -> None:
@@ -84,3 +87,12 @@ def log_picture(accelerator: Accelerator, name: str, path: str | os.PathLike, st
             tracker.log_images({name: pixels[None]}, step=step, dataformats="NHWC")
         elif tracker.name == JSONLTracker.name:
             tracker.log({f"picture/{name}": Path(path).name}, step=step)
+
+
+def memory_use(device: torch.device) -> dict[str, float]:
+    """This process's resident memory, and on CUDA the peak allocated since the last log line (then reset)."""
+    values = {"memory/rss_mb": psutil.Process().memory_info().rss / 2**20}
+    if device.type == "cuda":
+        values["memory/cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        torch.cuda.reset_peak_memory_stats(device)
+    return values

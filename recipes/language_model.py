@@ -3,7 +3,8 @@
     accelerate launch --config_file launch_configs/cpu.yaml recipes/language_model.py \
         --config recipes/configs/language_model.yaml [--data.context_length 2048 --model.attention chunked]
 
-Reports held-out loss and bits per byte next to the unigram baseline, and prints a generated sample at the end.
+Reports held-out loss and bits per byte next to the unigram baseline; the `text_sample` technique prints (and
+logs) a generated sample at the end.
 """
 
 from dataclasses import dataclass, field, replace
@@ -11,21 +12,11 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from framework.config import TrainerConfig, parse_config, run_main
-from framework.data.text import TextDataConfig, decode, encode, text_data
+from framework.data.text import TextDataConfig, text_data
 from framework.loop import Trainer
 from framework.models.gpt import GPT, GPTConfig
 from framework.optim import OptimizerConfig
 from framework.task import LanguageModelTask
-
-
-@dataclass
-class SampleConfig:
-    prompt: str = "def "
-    """Generation starts from these characters."""
-    length: int = 300
-    """Bytes generated after the prompt (0: no sample)."""
-    temperature: float = 0.8
-    top_k: int | None = 40
 
 
 @dataclass
@@ -39,7 +30,6 @@ class LanguageModelConfig(TrainerConfig):
     model: GPTConfig = field(default_factory=GPTConfig)
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=2e-3, weight_decay=0.1,
                                                                                betas=(0.9, 0.95)))
-    sample: SampleConfig = field(default_factory=SampleConfig)
 
 
 def main(args: list[str] | None = None) -> Trainer:
@@ -52,21 +42,10 @@ def main(args: list[str] | None = None) -> Trainer:
                       data.loaders["train"], data.loaders["validation"], data.loaders["test"])
     trainer.state.summary["unigram_bits_per_byte"] = data.unigram_bits_per_byte()
     results = trainer.fit()
-    if config.sample.length and trainer.accelerator.is_main_process:
+    if trainer.accelerator.is_main_process:
         print(f"unigram baseline {results['unigram_bits_per_byte']:.3f} bits/byte; "
               f"held-out {results['metrics']['test/bits_per_byte']:.3f} bits/byte")
-        sample = generate(trainer, config.sample)
-        (trainer.state.output_dir / "sample.txt").write_text(sample)
-        print(f"--- sample ({config.sample.length} bytes after {config.sample.prompt!r}) ---\n{sample}\n---")
     return trainer
-
-
-def generate(trainer: Trainer, sample: SampleConfig) -> str:
-    model = trainer.accelerator.unwrap_model(trainer.state.model).eval()
-    prompt = torch.tensor([encode(sample.prompt)], device=trainer.accelerator.device)
-    generator = torch.Generator(device=prompt.device).manual_seed(0)
-    tokens = model.generate(prompt, sample.length, sample.temperature, sample.top_k, generator=generator)
-    return decode(tokens[0].tolist())
 
 
 if __name__ == "__main__":

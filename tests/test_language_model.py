@@ -75,7 +75,7 @@ def test_language_model_recipe_runs_end_to_end(tmp_path):
                     str(ROOT / "recipes" / "configs" / "language_model.yaml"), "--output_dir", str(tmp_path),
                     "--tracker", "none", "--max_steps", "6", "--log_every", "2", "--data.context_length", "64",
                     "--data.max_eval_blocks", "16", "--model.n_layer", "1", "--model.n_embd", "32",
-                    "--techniques.cosine_lr.warmup_steps", "2", "--sample.length", "40")
+                    "--techniques.cosine_lr.warmup_steps", "2", "--techniques.text_sample.length", "40")
     assert result.returncode == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["run"]["steps"] == 6 and 4.0 < summary["unigram_bits_per_byte"] < 5.5

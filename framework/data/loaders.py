@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 
 def auto_num_workers() -> int:
@@ -37,3 +37,10 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
         prefetch_factor=prefetch_factor if workers > 0 else None,
         generator=torch.Generator().manual_seed(seed) if seed is not None else None,
     )
+
+
+def first_batches(loader: DataLoader, batches: int) -> DataLoader:
+    """`--overfit_batches`: a loader over the first `batches` batches' samples, in the same order every epoch."""
+    samples = min(len(loader.dataset), batches * loader.batch_size)
+    return DataLoader(Subset(loader.dataset, range(samples)), batch_size=loader.batch_size, shuffle=False,
+                      collate_fn=loader.collate_fn)

@@ -1,17 +1,22 @@
 """Built-in techniques. Importing this package registers them by name for configs."""
 
+from framework.techniques.activation_stats import ActivationStats, activation_stats
 from framework.techniques.best_model import BestModel
+from framework.techniques.doctor import Doctor, first_nonfinite_layer, out_of_memory_report
 from framework.techniques.early_stopping import EarlyStopping
 from framework.techniques.ema import EMA, ema_update_
 from framework.techniques.grad_centralization import GradientCentralization, centralize_gradients_
 from framework.techniques.grad_checkpointing import GradientCheckpointing, checkpoint_modules, remove_checkpointing
 from framework.techniques.grad_clipping import GradientClipping
+from framework.techniques.gradient_flow import GradientFlow, gradient_flow
 from framework.techniques.layerwise_lr import LayerwiseLR, parameter_groups
 from framework.techniques.label_smoothing import LabelSmoothing, smooth_targets
 from framework.techniques.lookahead import Lookahead, lookahead_sync_
 from framework.techniques.mixup import CutMix, Mixup, cutmix_batch, cutmix_box, mixup_batch, one_hot_targets
+from framework.techniques.profiler import Profiler
 from framework.techniques.progressive_resizing import ProgressiveResizing, progressive_size
 from framework.techniques.sam import SAM, sam_perturbation
+from framework.techniques.text_sample import TextSample, sample_text
 from framework.techniques.stochastic_depth import StochasticDepth, depth_rates
 from framework.techniques.lr_schedule import (
     CosineLR,
@@ -33,4 +38,7 @@ __all__ = [
     "one_hot_targets",
     "StochasticDepth", "depth_rates", "ProgressiveResizing", "progressive_size",
     "GradientCheckpointing", "checkpoint_modules", "remove_checkpointing",
+    "ActivationStats", "activation_stats", "GradientFlow", "gradient_flow", "Profiler",
+    "TextSample", "sample_text",
+    "Doctor", "first_nonfinite_layer", "out_of_memory_report",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from accelerate.utils import DistributedType
 
 from framework.backend import clip_grad_norm
@@ -50,4 +51,5 @@ class GradientClipping(Technique):
         if state.accelerator.distributed_type == DistributedType.DEEPSPEED:
             return  # the engine already clipped in its step; the loop logs the engine's global norm
         norm = clip_grad_norm(state.accelerator, state.model.parameters(), self.max_norm, self.norm_type)
-        state.log(grad_norm=norm)
+        # Before and after clipping: the applied norm is min(norm, max_norm), no second pass over the gradients.
+        state.log(grad_norm=norm, grad_norm_clipped=torch.clamp(norm, max=self.max_norm))
