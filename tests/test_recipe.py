@@ -35,6 +35,8 @@ def test_two_process_run_is_synchronised(tmp_path):
     assert train_lines[-1]["train/loss"] < train_lines[0]["train/loss"]  # and it learned
     history = logged_history(run_file(tmp_path))  # exactly one W&B run for the two processes
     assert [row["_step"] for row in history if "train/loss" in row] == [5, 10, 15, 20]
+    for row in (row for row in history if "train/loss" in row):  # per-rank step times, gathered into the one run
+        assert 0 < row["perf/step_seconds/rank_0"] < 60 and 0 < row["perf/step_seconds/rank_1"] < 60
 
 
 @pytest.mark.slow
