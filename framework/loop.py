@@ -116,6 +116,11 @@ class Trainer:
             result = find_lr(self)
             accelerator.end_training()
             return result
+        if self.resume_path is None and accelerator.is_main_process and any(
+                isinstance(t, LRSchedule) for t in self.techniques):
+            # Drawn now, while the schedules are not yet bound to the optimizer; logged when tracking starts.
+            self.draw_lr_schedule(state.output_dir / "lr_schedule.png")
+            self.pictures.setdefault("lr_schedule", lambda path: None)  # already at output_dir/lr_schedule.png
         self._call("fit_start")
         accelerator.register_for_checkpointing(state, *[t for t in self.techniques if t.has_state])
         if self.resume_path is not None:
@@ -148,7 +153,8 @@ class Trainer:
         return {"lr_schedule": str(path), "lrs": curves}
 
     def draw_lr_schedule(self, path: Path) -> dict[str, list[float]]:
-        """The LR each schedule technique gives each step of this run (first parameter group), drawn to `path`."""
+        """The LR each schedule technique gives each step of this run (first parameter group), drawn to `path`.
+        Simulated on copies of the schedules: call it before `fit_start` binds them to the (DeepSpeed) optimizer."""
         state, schedules = self.state, [t for t in self.techniques if isinstance(t, LRSchedule)]
         base = state.optimizer.param_groups[0]["lr"]
         curves = {t.name: schedule_lrs(t, state.steps_per_epoch, state.max_steps, base) for t in schedules}
@@ -316,11 +322,8 @@ class Trainer:
             (self.state.output_dir / "config.yaml").write_text(yaml.safe_dump(flatten(config), sort_keys=False))
         accelerator.init_trackers(config.project, config=flatten(config), init_kwargs=tracker_init_kwargs(
             config.output_dir, config.run_name, config.group, config.tags))
-        pictures = dict(self.pictures)
-        if any(isinstance(t, LRSchedule) for t in self.techniques) and self.resume_path is None:
-            pictures["lr_schedule"] = self.draw_lr_schedule
         if accelerator.is_main_process:
-            for name, draw in pictures.items():
+            for name, draw in self.pictures.items():
                 path = self.state.output_dir / f"{name}.png"
                 draw(path)
                 log_picture(accelerator, name, path, step=self.state.step)

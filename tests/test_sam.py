@@ -100,6 +100,7 @@ def test_recipe_with_sam_lookahead_onecycle_and_centralization_reaches_99(tmp_pa
                     "gradient_clipping: {max_norm: 2.0}, ema: {decay: 0.99, warmup: true}}")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["run"]["techniques"] == ["gradient_centralization", "sam", "lookahead", "onecycle_lr",
-                                            "gradient_clipping", "ema"]
+    assert summary["run"]["techniques"] == ["doctor", "gradient_centralization", "sam", "lookahead", "onecycle_lr",
+                                            "gradient_clipping", "ema"]  # the doctor is on by default, first
+    assert summary["doctor"] == []  # and finds nothing wrong with SAM's two passes
     assert summary["metrics"]["test/accuracy"] >= 0.99
