@@ -294,9 +294,10 @@ class Trainer:
         if state.tokens_seen:
             values["tokens_seen"] = state.tokens_seen
         self.accelerator.log(values, step=state.step)
-        if self.config.overfit_batches:
-            state.summary.setdefault("overfit_batches", {"first_loss": values["train/loss"]})["last_loss"] = \
-                values["train/loss"]
+        if self.config.overfit_batches:  # the verdict, kept current: the last log line decides it
+            loss = values["train/loss"]
+            report = state.summary.setdefault("overfit_batches", {"first_loss": loss})
+            report.update(last_loss=loss, near_zero=loss < OVERFIT_NEAR_ZERO)
         progress.set_postfix(loss=f"{values['train/loss']:.4f}", samples_s=f"{values['samples_per_second']:.0f}",
                              lr=f"{values['lr']:.2e}", refresh=False)
 
@@ -333,9 +334,6 @@ class Trainer:
         accelerator.wait_for_everyone()
         accelerator.save_model(state.model, state.output_dir)
         accelerator.log({k: v for k, v in results.items() if k.startswith("test/")}, step=state.step)
-        if "overfit_batches" in state.summary:
-            losses = state.summary["overfit_batches"]
-            losses["near_zero"] = losses["last_loss"] < OVERFIT_NEAR_ZERO
         summary = {
             "metrics": results,
             "run": {
