@@ -20,6 +20,7 @@ from accelerate.utils import (
     DataLoaderConfiguration,
     DeepSpeedPlugin,
     DistributedType,
+    DistributedDataParallelKwargs,
     InitProcessGroupKwargs,
     ProjectConfiguration,
     broadcast,
@@ -46,6 +47,7 @@ def make_accelerator(
     log_with: Sequence[Any] = (),
     deepspeed_values: Mapping[str, Any] | None = None,
     compile: bool = False,
+    find_unused_parameters: bool = False,
 ) -> Accelerator:
     """An Accelerator for whatever the launch config asked for; raises `LaunchError` if the launch went wrong.
 
@@ -58,6 +60,8 @@ def make_accelerator(
     if launched_world_size() > 1 and not torch.cuda.is_available():
         # gloo makes the CPU ranks one group; cpu=True would also turn DeepSpeed off, so only without it.
         extra = {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")], "cpu": not use_deepspeed}
+    if find_unused_parameters:  # DDP: a task that updates one part of the model at a time (a GAN)
+        extra.setdefault("kwargs_handlers", []).append(DistributedDataParallelKwargs(find_unused_parameters=True))
     if compile:
         extra["dynamo_backend"] = "inductor"  # else accelerate reads the launch config's dynamo_config
     if use_deepspeed:

@@ -9,15 +9,19 @@ config as YAML, which `--config` reads back unchanged.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Optional, TypeVar
 
 import yaml
 
 from framework.errors import ConfigError, FrameworkError
+
+if TYPE_CHECKING:
+    from framework.optim import OptimizerConfig
 
 C = TypeVar("C")
 
@@ -77,13 +81,33 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         for name in ("epochs", "gradient_accumulation_steps", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}: pass --{name} 1 or more.")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be at least 1 (or null for no limit), got {self.max_steps}.")
         if self.overfit_batches < 0:
             raise ConfigError(f"overfit_batches must be 0 (off) or more, got {self.overfit_batches}.")
         if self.eval_every < 0:
             raise ConfigError(f"eval_every must be 0 (only at the end) or more, got {self.eval_every}.")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise ConfigError(f"checkpoint_every must be at least 1 (or null: only at epoch ends), got "
+                              f"{self.checkpoint_every}.")
+        from framework.optim import OptimizerConfig
+
+        if isinstance(getattr(self, "optimizer", None), OptimizerConfig):  # the recipes' optimizer section
+            check_optimizer(self.optimizer)
+
+
+def check_optimizer(optimizer: OptimizerConfig) -> None:
+    """Refuse optimizer values torch would reject only when the optimizer is built (as a ValueError traceback)."""
+    if not optimizer.lr > 0:
+        raise ConfigError(f"optimizer.lr must be positive, got {optimizer.lr}. Set --optimizer.lr to the peak learning "
+                          "rate, e.g. 0.01 (schedules and warmup lower it from there).")
+    if not optimizer.weight_decay >= 0:
+        raise ConfigError(f"optimizer.weight_decay must be 0 or more, got {optimizer.weight_decay}.")
+    if not all(0 <= beta < 1 for beta in optimizer.betas):
+        raise ConfigError(f"optimizer.betas must both be in [0, 1), got {list(optimizer.betas)}.")
+    if not optimizer.momentum >= 0:
+        raise ConfigError(f"optimizer.momentum must be 0 or more, got {optimizer.momentum}.")
 
 
 def parse_config(config_class: type[C], args: Sequence[str] | None = None) -> C:
@@ -95,6 +119,9 @@ def parse_config(config_class: type[C], args: Sequence[str] | None = None) -> C:
     """
     from jsonargparse import ActionConfigFile, ArgumentParser
 
+    from framework.technique import build_techniques, lock_down_parsing, refuse_code
+
+    lock_down_parsing()  # a config is data: values that name Python code are never imported or called
     parser = ArgumentParser(
         prog=os.path.basename(sys.argv[0]), description=config_class.__doc__, exit_on_error=True, allow_abbrev=False
     )
@@ -110,14 +137,13 @@ def parse_config(config_class: type[C], args: Sequence[str] | None = None) -> C:
         if namespace.techniques.get(name) is None:
             namespace.techniques[name] = {}
         namespace.techniques[name][key] = value
-    if print_config:
-        print(parser.dump(namespace, skip_none=False), end="")
-        sys.exit(0)
     try:
+        refuse_code(namespace.as_dict())
+        if print_config:
+            print(parser.dump(namespace, skip_none=False), end="")
+            sys.exit(0)
         config = config_class(**parser.instantiate_classes(namespace).as_dict())
         if isinstance(config, TrainerConfig):
-            from framework.technique import build_techniques
-
             build_techniques(config.techniques)
     except ConfigError as error:
         parser.error(str(error))
@@ -139,7 +165,11 @@ def _split_technique_overrides(args: list[str], parser: Any) -> tuple[list[tuple
                 value = args[index]
             else:
                 parser.error(f"{flag} expects a value")
-            overrides.append((parts[1], parts[2], yaml.safe_load(value)))
+            try:
+                overrides.append((parts[1], parts[2], yaml.safe_load(value)))
+            except yaml.YAMLError as error:
+                parser.error(f"{flag}: {value!r} is not a YAML value ({str(error).splitlines()[0]}). Quote strings "
+                             "that contain YAML syntax, e.g. --techniques.NAME.ARG \"'a: b'\".")
         else:
             rest.append(arg)
         index += 1
@@ -168,3 +198,6 @@ def run_main(main: Callable[[], Any]) -> None:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    # Free the finished run (a DeepSpeed engine holds gloo work handles in reference cycles) while the interpreter
+    # is whole: destroyed during interpreter shutdown instead, they can abort the process after a successful run.
+    gc.collect()

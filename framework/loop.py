@@ -6,7 +6,7 @@ import json
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,11 +72,12 @@ class Trainer:
         deepspeed_values = {k: v for t in self.techniques for k, v in t.deepspeed_config().items()}
         self.accelerator = accelerator or make_accelerator(
             config.output_dir, config.gradient_accumulation_steps, make_trackers(config.tracker, config.output_dir),
-            deepspeed_values, config.compile,
+            deepspeed_values, config.compile, find_unused_parameters=task.owns_step,
         )
         # Every refusal comes here, before any data is touched or any step is taken.
         self.backend = describe_backend(self.accelerator)
         check_techniques(self.techniques, self.backend)
+        task.check(self.backend, self.techniques, config.gradient_accumulation_steps)
         self.resume_path = resolve_resume(config.resume_from, config.output_dir, config.overwrite)
         if self.resume_path is not None:
             check_resumable(self.resume_path, self.backend)
@@ -198,16 +199,22 @@ class Trainer:
                 window.data_arrived()
                 for hook in hooks["on_batch"]:
                     batch = hook(state, batch)
-                with accelerator.accumulate(state.model):
-                    outputs = task.forward(state.model, batch)
-                    loss = task.loss(outputs, batch)
-                    for hook in hooks["on_loss"]:
-                        loss = hook(state, loss, batch, outputs)
-                    accelerator.backward(loss)
-                    self._call("after_backward")
-                    stepped = accelerator.sync_gradients
-                    if stepped:
-                        self._optimizer_step(batch)
+                if task.owns_step:  # e.g. a GAN: its updates go through `self.update`
+                    loss, outputs = task.train_step(self, batch)
+                    stepped = True
+                    self._end_step()
+                else:
+                    with accelerator.accumulate(state.model):
+                        outputs = task.forward(state.model, batch)
+                        loss = task.loss(outputs, batch)
+                        for hook in hooks["on_loss"]:
+                            loss = hook(state, loss, batch, outputs)
+                        accelerator.backward(loss)
+                        self._call("after_backward")
+                        stepped = accelerator.sync_gradients
+                        if stepped:
+                            self._optimizer_step(batch)
+                            self._end_step()
                 state.batch_in_epoch += 1
                 batch_samples = task.batch_size(batch) * accelerator.num_processes
                 batch_tokens = task.batch_tokens(batch) * accelerator.num_processes
@@ -254,9 +261,29 @@ class Trainer:
             self._step_owner.optimizer_step(state, lambda: self._recompute_gradients(batch))
         else:
             state.optimizer.step()
-        state.step += 1
-        self._call("after_optimizer_step")
         state.optimizer.zero_grad(set_to_none=True)
+
+    def _end_step(self) -> None:
+        self.state.step += 1
+        self._call("after_optimizer_step")
+
+    def update(self, loss: torch.Tensor, batch: Any, outputs: Any, parameters: Iterable[torch.nn.Parameter]
+               ) -> torch.Tensor:
+        """One optimizer update of `parameters` from `loss`, for a task that owns its step (a GAN's critic or
+        generator update): the `on_loss` hooks, backward, `after_backward`, `before_optimizer_step` and the step.
+        The other parameters' gradients are dropped first, so the optimizer leaves them and their state alone.
+        `after_optimizer_step` runs once per training step, after the task's last update. Returns the loss."""
+        state = self.state
+        for hook in self._hooks["on_loss"]:
+            loss = hook(state, loss, batch, outputs)
+        self.accelerator.backward(loss)
+        self._call("after_backward")
+        updated = {id(p) for p in parameters}
+        for p in state.model.parameters():
+            if id(p) not in updated:
+                p.grad = None
+        self._optimizer_step(batch)
+        return loss
 
     def _recompute_gradients(self, batch: Any) -> torch.Tensor:
         """For the step-owning technique (SAM): forward and backward again on the same batch, then the other

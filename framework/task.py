@@ -9,10 +9,39 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from framework.errors import ConfigError, IncompatibleError
+
 
 class Task:
     """Base class. `eval_outputs` returns per-sample tensors; the loop gathers them over ranks (dropping the samples
-    a distributed sampler duplicated) and `compute_metrics` reduces them."""
+    a distributed sampler duplicated) and `compute_metrics` reduces them.
+
+    A task that needs more than one update per step (a GAN) sets `owns_step` and implements `train_step`; the loop
+    then calls it instead of forward / loss / backward / step.
+    """
+
+    owns_step = False
+
+    def check(self, backend: Any, techniques: list, gradient_accumulation_steps: int) -> None:
+        """Refuse, before training, what this task cannot run with (a task owning its step: see below)."""
+        if not self.owns_step:
+            return
+        name = type(self).__name__
+        if backend.distributed_type == "DEEPSPEED":
+            raise IncompatibleError(
+                f"{name} takes several optimizer updates per step, but the DeepSpeed engine couples one backward to "
+                "one step. Use a DDP launch config (multi_cpu.yaml, ddp.yaml) or a single process.")
+        if gradient_accumulation_steps != 1:
+            raise ConfigError(f"{name} runs its own updates each step; gradient_accumulation_steps must be 1, got "
+                              f"{gradient_accumulation_steps}. Raise data.batch_size instead.")
+        owners = [t.name for t in techniques if t.owns_optimizer_step]
+        if owners:
+            raise IncompatibleError(f"{owners[0]} replaces the optimizer step, which {name} runs itself. Remove it.")
+
+    def train_step(self, trainer: Any, batch: Any) -> tuple[torch.Tensor, Any]:
+        """Only when `owns_step`: run this step's updates, each through `trainer.update(loss, batch, outputs,
+        parameters)`; return the loss and outputs to log (`train_metrics` reads them)."""
+        raise NotImplementedError
 
     def forward(self, model: torch.nn.Module, batch: Any) -> Any:
         raise NotImplementedError
@@ -114,3 +143,47 @@ class LanguageModelTask(Task):
     def batch_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         blocks = batch[self.input_key]
         return blocks.shape[0] * (blocks.shape[1] - 1)
+
+
+class WGANTask(Task):
+    """Wasserstein GAN training (Arjovsky et al. 2017; with the `gradient_penalty` technique, WGAN-GP). The task owns
+    its step: each training step is one critic update on a real batch, and every `n_critic`-th step is followed by
+    one generator update, both through `Trainer.update` (so the techniques' hooks, the accelerator and the optimizer
+    are the loop's). The model is a `framework.models.dcgan.WGAN`; one optimizer holds both networks' parameters,
+    and each update drops the other network's gradients, so its weights and optimizer state stay untouched.
+
+    Logged: `train/loss` (the critic's loss, penalty included), `train/wasserstein` (the critic's estimate of the
+    Wasserstein distance, E[f(real)] − E[f(fake)]) and `generator_loss`.
+
+    Args:
+        n_critic: critic updates per generator update (the paper's 5).
+        judge: optional, normalized images -> {name: score} (see `framework.techniques.gan_samples`).
+    """
+
+    owns_step = True
+
+    def __init__(self, n_critic: int = 5, input_key: str = "pixel_values", judge: Any = None):
+        self.n_critic = n_critic
+        self.input_key = input_key
+        self.judge = judge
+
+    def train_step(self, trainer: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+        state = trainer.state
+        gan = state.accelerator.unwrap_model(state.model)
+        real = batch[self.input_key]
+        scored = state.model(mode="critic", real=real)  # the wrapped model: DDP syncs the critic's gradients
+        critic_loss = scored["fake_scores"].mean() - scored["real_scores"].mean()
+        outputs = {**scored, "critic": gan.critic, "real": real}  # what gradient_penalty needs
+        loss = trainer.update(critic_loss, batch, outputs, gan.critic.parameters())
+        if (state.step + 1) % self.n_critic == 0:
+            generated = state.model(mode="generator", batch_size=real.shape[0])
+            generator_loss = -generated["fake_scores"].mean()
+            trainer.update(generator_loss, batch, generated, gan.generator.parameters())
+            state.log(generator_loss=generator_loss.detach())
+        return loss, outputs
+
+    def train_metrics(self, outputs: dict[str, Any], batch: Any) -> dict[str, torch.Tensor]:
+        return {"wasserstein": outputs["real_scores"].detach().mean() - outputs["fake_scores"].detach().mean()}
+
+    def batch_size(self, batch: dict[str, torch.Tensor]) -> int:
+        return len(batch[self.input_key])

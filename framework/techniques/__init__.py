@@ -8,7 +8,9 @@ from framework.techniques.ema import EMA, ema_update_
 from framework.techniques.grad_centralization import GradientCentralization, centralize_gradients_
 from framework.techniques.grad_checkpointing import GradientCheckpointing, checkpoint_modules, remove_checkpointing
 from framework.techniques.grad_clipping import GradientClipping
+from framework.techniques.gan_samples import GANSamples, classifier_judge
 from framework.techniques.gradient_flow import GradientFlow, gradient_flow
+from framework.techniques.gradient_penalty import GradientPenalty, gradient_penalty
 from framework.techniques.layerwise_lr import LayerwiseLR, parameter_groups
 from framework.techniques.label_smoothing import LabelSmoothing, smooth_targets
 from framework.techniques.lookahead import Lookahead, lookahead_sync_
@@ -39,6 +41,6 @@ __all__ = [
     "StochasticDepth", "depth_rates", "ProgressiveResizing", "progressive_size",
     "GradientCheckpointing", "checkpoint_modules", "remove_checkpointing",
     "ActivationStats", "activation_stats", "GradientFlow", "gradient_flow", "Profiler",
-    "TextSample", "sample_text",
+    "TextSample", "sample_text", "GradientPenalty", "gradient_penalty", "GANSamples", "classifier_judge",
     "Doctor", "first_nonfinite_layer", "out_of_memory_report",
 ]

@@ -585,7 +585,8 @@ class Doctor(Technique):
         frozen = frozen_modules(self._model)
         if frozen and state.accelerator.is_main_process:  # a note, not a finding: freezing is often on purpose
             tqdm.write(f"doctor: note: frozen (requires_grad=False), not trained: {_names(frozen)}.")
-        if self._gradients_visible:
+        # A task that owns its step (a GAN) updates one part of the model at a time: the others rightly get none.
+        if self._gradients_visible and not getattr(state.task, "owns_step", False):
             self.report(state, missing_gradient_finding(self._parameters))
             self.report(state, unoptimized_finding(self._parameters, state.optimizer))
 

@@ -1,8 +1,10 @@
-"""Run the image recipe as `accelerate launch` would, with one more technique that writes this rank's final
-parameters (whole tensors, gathered under ZeRO-3) to output_dir/params_rank{N}.safetensors, so a test can compare
-the ranks. Pass `--techniques.dump_params '{}'` to switch it on."""
+"""Run a recipe (the image recipe, or the one named by $DUMP_RECIPE) as `accelerate launch` would, with one more
+technique that writes this rank's final parameters (whole tensors, gathered under ZeRO-3) to
+output_dir/params_rank{N}.safetensors, so a test can compare the ranks. Pass `--techniques.dump_params '{}'` to
+switch it on."""
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -28,8 +30,9 @@ class DumpParams(Technique):
                   str(state.output_dir / f"params_rank{rank}.safetensors"))
 
 
-path = Path(__file__).resolve().parents[2] / "recipes" / "image_classification.py"
-spec = importlib.util.spec_from_file_location("image_classification", path)
+name = os.environ.get("DUMP_RECIPE", "image_classification")
+path = Path(__file__).resolve().parents[2] / "recipes" / f"{name}.py"
+spec = importlib.util.spec_from_file_location(name, path)
 recipe = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = recipe  # type hints resolve through sys.modules, as for a script run as __main__
 spec.loader.exec_module(recipe)
