@@ -61,6 +61,8 @@ class TrainerConfig:
     """Also checkpoint every N optimizer steps (a checkpoint is always written at each epoch's end)."""
     keep_checkpoints: int = 2
     """How many of the newest checkpoints to keep."""
+    handle_preemption: bool = True
+    """On SIGTERM or SIGUSR1 (to any rank) every rank stops after the same step, saves a checkpoint and exits 0."""
     project: str = "framework"
     """Tracker project name."""
     run_name: Optional[str] = None
@@ -131,7 +133,10 @@ def parse_config(config_class: type[C], args: Sequence[str] | None = None) -> C:
     print_config = "--print_config" in args  # handled here, so that it shows the technique overrides too
     args = [arg for arg in args if arg != "--print_config"]
     technique_overrides, args = _split_technique_overrides(args, parser)
-    namespace = parser.parse_args(args)
+    try:
+        namespace = parser.parse_args(args)
+    except ValueError as error:  # the few errors jsonargparse lets through, e.g. a value holding a NUL byte
+        parser.error(f"a value could not be read ({error}): check the --config file and the values given.")
     namespace.pop("config", None)
     for name, key, value in technique_overrides:
         if namespace.techniques.get(name) is None:

@@ -30,6 +30,7 @@ from framework.errors import FrameworkError
 from framework.state import TrainState
 from framework.task import Task
 from framework.plots import plot_lr_curves
+from framework.preemption import PreemptionWatch
 from framework.technique import Technique, build_techniques, check_techniques, hook_table
 from framework.techniques.lr_finder import find_lr
 from framework.techniques.lr_schedule import LRSchedule, schedule_lrs
@@ -91,6 +92,7 @@ class Trainer:
         self._hooks = hook_table(self.techniques)
         self._step_owner = next((t for t in self.techniques if t.owns_optimizer_step), None)
         self._last_checkpoint_step = -1
+        self._preemption: PreemptionWatch | None = None
 
     # --- the public entry points --------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -130,6 +132,7 @@ class Trainer:
             self._last_checkpoint_step = state.step
         self._start_tracking()
 
+        self._preemption = PreemptionWatch(accelerator.num_processes > 1) if config.handle_preemption else None
         try:
             with torch.autograd.set_detect_anomaly(config.detect_anomaly):
                 self._train()
@@ -137,12 +140,28 @@ class Trainer:
             from framework.techniques.doctor import out_of_memory_report
 
             raise FrameworkError(out_of_memory_report(error, accelerator.device)) from error
+        finally:
+            if self._preemption is not None:
+                self._preemption.close()
+        if state.preempted:
+            return self._stop_preempted()
 
         results = dict(state.eval_metrics)
         if self.data["test"] is not None:
             results.update(self.evaluate(self.data["test"], "test"))
         self._call("fit_end")
         return self._finish(results, time.perf_counter() - started)
+
+    def _stop_preempted(self) -> dict[str, Any]:
+        """After a preemption signal: the checkpoint is written; tell the tracker the run will resume, and stop."""
+        accelerator, state = self.accelerator, self.state
+        for tracker in accelerator.trackers:
+            if tracker.name == "wandb":
+                tracker.run.mark_preempting()
+        accelerator.end_training()
+        if accelerator.is_main_process:
+            print(f"preempted: stopped after step {state.step} with a checkpoint; continue with --resume_from latest")
+        return {"preempted": True, "run": {"steps": state.step}}
 
     def preview_lr(self) -> dict[str, Any]:
         """Draw the LR every schedule technique gives each step of this run (first parameter group); no training."""
@@ -211,10 +230,14 @@ class Trainer:
                             loss = hook(state, loss, batch, outputs)
                         accelerator.backward(loss)
                         self._call("after_backward")
-                        stepped = accelerator.sync_gradients
+                        stepped = accelerator.sync_gradients and self._optimizer_step(batch)
                         if stepped:
-                            self._optimizer_step(batch)
                             self._end_step()
+                if state.rolled_back:  # a technique (nan_guard) loaded a checkpoint: continue from where it was
+                    state.rolled_back = False
+                    window.reset()
+                    progress.n = state.step
+                    break
                 state.batch_in_epoch += 1
                 batch_samples = task.batch_size(batch) * accelerator.num_processes
                 batch_tokens = task.batch_tokens(batch) * accelerator.num_processes
@@ -231,6 +254,8 @@ class Trainer:
                     state.logs.clear()  # values logged between log lines: the latest one is written
                 if config.checkpoint_every and state.step % config.checkpoint_every == 0:
                     self._checkpoint()
+                if self._preemption is not None and self._preemption.requested():
+                    state.preempted = state.should_stop = True  # every rank, after this same step
                 if state.step >= state.max_steps or state.should_stop:
                     break
                 window.wait_for_data()
@@ -245,15 +270,21 @@ class Trainer:
                 self._checkpoint()
                 window.started += time.perf_counter() - epoch_end_started  # throughput counts training time only
         progress.close()
-        if self.data["val"] is not None and state.eval_step != state.step:
+        if self.data["val"] is not None and state.eval_step != state.step and not state.preempted:
             self._evaluate_and_log()  # stopped mid-epoch: still report validation metrics for the final weights
         self._checkpoint()
 
-    def _optimizer_step(self, batch: Any) -> None:
-        """Between backward and zero_grad when gradients are synchronised: the hooks around the optimizer step."""
+    def _optimizer_step(self, batch: Any) -> bool:
+        """Between backward and zero_grad when gradients are synchronised: the hooks around the optimizer step.
+        Returns False when a technique skipped the step (`state.skip_step`, on every rank alike)."""
         state = self.state
         unscale_gradients_once(self.accelerator, state.optimizer)  # fp16: hooks see true gradients
         self._call("before_optimizer_step")
+        if state.skip_step:
+            state.skip_step = False
+            forget_unscaling(self.accelerator, state.optimizer)
+            state.optimizer.zero_grad(set_to_none=True)
+            return False
         if "grad_norm" not in state.logs and self._is_log_step(state.step + 1):
             # Measured only on logging steps (a clipping technique reports it on every step anyway).
             state.log(grad_norm=clip_grad_norm(self.accelerator, state.model.parameters(), float("inf")))
@@ -262,6 +293,7 @@ class Trainer:
         else:
             state.optimizer.step()
         state.optimizer.zero_grad(set_to_none=True)
+        return True
 
     def _end_step(self) -> None:
         self.state.step += 1
@@ -348,8 +380,10 @@ class Trainer:
         if accelerator.is_main_process:
             self.state.output_dir.mkdir(parents=True, exist_ok=True)
             (self.state.output_dir / "config.yaml").write_text(yaml.safe_dump(flatten(config), sort_keys=False))
-        accelerator.init_trackers(config.project, config=flatten(config), init_kwargs=tracker_init_kwargs(
-            config.output_dir, config.run_name, config.group, config.tags))
+        init_kwargs = tracker_init_kwargs(config.output_dir, config.run_name, config.group, config.tags,
+                                          resuming=self.resume_path is not None) \
+            if accelerator.is_main_process and config.tracker == "wandb" else {}  # only the main process runs W&B
+        accelerator.init_trackers(config.project, config=flatten(config), init_kwargs=init_kwargs)
         if accelerator.is_main_process:
             for name, draw in self.pictures.items():
                 path = self.state.output_dir / f"{name}.png"

@@ -37,6 +37,9 @@ class TrainState:
     tokens_seen: int = 0  # over all ranks (language models)
     validates: bool = False  # the run evaluates on validation data at epoch ends (schedules/early stopping need it)
     should_stop: bool = False  # set by a technique (early stopping) to end training after this step/epoch
+    skip_step: bool = False  # set in before_optimizer_step (nan_guard): this step is not taken, on every rank
+    rolled_back: bool = False  # set when a technique loaded a checkpoint mid-run: the loop restarts its epoch
+    preempted: bool = False  # a preemption signal stopped the run (after a checkpoint)
     techniques: list = field(default_factory=list)  # the run's techniques, in hook order
     task: Any = None  # the run's Task (Mixup / label smoothing read `num_classes` and `target_key` from it)
     train_data: Any = None  # the training DataLoader as prepared (progressive resizing finds its size control)

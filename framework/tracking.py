@@ -72,9 +72,20 @@ def make_trackers(tracker: str, output_dir: str) -> list[Any]:
 
 
 def tracker_init_kwargs(output_dir: str, run_name: str | None, group: str | None = None,
-                        tags: list[str] | None = None) -> dict[str, dict[str, Any]]:
+                        tags: list[str] | None = None, resuming: bool = False) -> dict[str, dict[str, Any]]:
+    """W&B's init arguments. The run id is kept in output_dir/wandb_run_id, so a run resumed in the same directory
+    (after a crash or a preemption) continues the same W&B run instead of starting a new one."""
     name = run_name or Path(output_dir).resolve().name
-    return {"wandb": {"name": name, "dir": str(output_dir), "group": group, "tags": list(tags or [])}}
+    id_file = Path(output_dir) / "wandb_run_id"
+    if resuming and id_file.is_file():
+        run_id = id_file.read_text().strip()
+    else:
+        import wandb
+
+        run_id = wandb.util.generate_id()
+        id_file.write_text(run_id + "\n")
+    return {"wandb": {"name": name, "dir": str(output_dir), "group": group, "tags": list(tags or []), "id": run_id,
+                      "resume": "allow"}}
 
 
 def log_picture(accelerator: Accelerator, name: str, path: str | os.PathLike, step: int = 0) -> None:

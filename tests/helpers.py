@@ -39,8 +39,9 @@ def launch(script: str | Path, *args: str, launch_config: str | Path = "cpu.yaml
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ROOT / "launch_configs" / launch_config), "--num_cpu_threads_per_process", "1", *launcher_args,
                str(script), *args]
+    # A session of its own: a test can kill the whole launch (launcher and ranks) as a crash would, and only it.
     result = subprocess.run(command, cwd=ROOT, env=launch_environment(env), capture_output=True, text=True,
-                            timeout=timeout)
+                            timeout=timeout, start_new_session=True)
     if result.returncode != 0:
         print(result.stdout[-5000:], result.stderr[-10000:], sep="\n")
     return result

@@ -14,6 +14,7 @@ from framework.techniques.gradient_penalty import GradientPenalty, gradient_pena
 from framework.techniques.layerwise_lr import LayerwiseLR, parameter_groups
 from framework.techniques.label_smoothing import LabelSmoothing, smooth_targets
 from framework.techniques.lookahead import Lookahead, lookahead_sync_
+from framework.techniques.nan_guard import NaNGuard, scale_learning_rates_
 from framework.techniques.mixup import CutMix, Mixup, cutmix_batch, cutmix_box, mixup_batch, one_hot_targets
 from framework.techniques.profiler import Profiler
 from framework.techniques.progressive_resizing import ProgressiveResizing, progressive_size
@@ -42,5 +43,6 @@ __all__ = [
     "GradientCheckpointing", "checkpoint_modules", "remove_checkpointing",
     "ActivationStats", "activation_stats", "GradientFlow", "gradient_flow", "Profiler",
     "TextSample", "sample_text", "GradientPenalty", "gradient_penalty", "GANSamples", "classifier_judge",
+    "NaNGuard", "scale_learning_rates_",
     "Doctor", "first_nonfinite_layer", "out_of_memory_report",
 ]

@@ -574,7 +574,7 @@ class Doctor(Technique):
         self._read_gradient_max(state)  # gradients that overflowed first are the better clue: reported before
         finding = nonfinite_loss_finding(layer, self._batch, steps, self.check_every)
         self.report(state, finding)
-        if self.stop_on_nonfinite:
+        if self.stop_on_nonfinite and not any(t.name == "nan_guard" for t in state.techniques):  # it recovers
             raise NonFiniteLossError(f"training stopped: {finding.message} Fix: {finding.fix} (To keep training "
                                      "anyway: --techniques.doctor.stop_on_nonfinite false.)")
 
