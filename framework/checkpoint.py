@@ -7,15 +7,21 @@ saving never leaves a half-written directory that `latest` would pick.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import pickle
 import re
 import shutil
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
 from framework.errors import ConfigError
 from framework.technique import Backend
@@ -134,3 +140,104 @@ def resolve_resume(resume_from: str | None, output_dir: str | os.PathLike, overw
             f"Pass a directory under {checkpoint_root(output_dir)} or `latest`."
         )
     return path
+
+
+def _saved_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
+    """Names and shapes of the model weights accelerate saved in checkpoint `path`, read without loading them;
+    None for a layout without one weights file (DeepSpeed writes its own, per rank)."""
+    from safetensors import safe_open
+
+    if (path / "model.safetensors").is_file():
+        with safe_open(str(path / "model.safetensors"), framework="pt") as weights:
+            return {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}
+    if (path / "pytorch_model.bin").is_file():
+        weights = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True)
+        return {key: tuple(value.shape) for key, value in weights.items()}
+    return None
+
+
+def _listing(items: list[str], limit: int = 8) -> str:
+    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
+    return "; ".join(items[:limit]) + more
+
+
+def check_checkpoint_matches(path: Path, model: torch.nn.Module, registered: Sequence[Any]) -> None:
+    """Refuse a checkpoint written by another model, model config or technique list, before `load_state` fails
+    with a torch traceback: one report of the mismatched weight names and shapes.
+
+    Args:
+        model: the prepared model, as `load_state` will load into it (DDP's `module.` prefix included).
+        registered: the objects registered for checkpointing, in order (the train state, stateful techniques).
+    """
+    saved = _saved_shapes(path)
+    if saved is not None:
+        expected = model.state_dict()
+        # Tied weights (a GPT's embedding and output layer) are saved once, under one of their names.
+        by_storage: dict[int, list[str]] = {}
+        for key, tensor in expected.items():
+            if tensor.numel():
+                by_storage.setdefault(tensor.untyped_storage().data_ptr(), []).append(key)
+        aliases = {key: keys for keys in by_storage.values() for key in keys}
+        missing = [f"{key} {list(tensor.shape)}" for key, tensor in expected.items()
+                   if key not in saved and not any(alias in saved for alias in aliases.get(key, ()))]
+        unexpected = [f"{key} {list(shape)}" for key, shape in saved.items() if key not in expected]
+        differ = [f"{key} {list(saved[key])} in the checkpoint, {list(tensor.shape)} in the model"
+                  for key, tensor in expected.items() if key in saved and tuple(tensor.shape) != saved[key]]
+        if missing or unexpected or differ:
+            report = [f"checkpoint {path} holds weights of a different model:"]
+            if differ:
+                report.append(f"  shapes differ ({len(differ)}): {_listing(differ)}")
+            if missing:
+                report.append(f"  in the model, not in the checkpoint ({len(missing)}): {_listing(missing)}")
+            if unexpected:
+                report.append(f"  in the checkpoint, not in the model ({len(unexpected)}): {_listing(unexpected)}")
+            hint = ""
+            if any(k.startswith(("module.", "_orig_mod.")) for k in [*saved, *expected]):
+                hint = ("The `module.` / `_orig_mod.` prefixes come from DDP and torch.compile: resume with the launch "
+                        "config and --compile setting that wrote it. ")
+            report.append(f"{hint}Resume with the model options of the run that wrote it (its output_dir/config.yaml), "
+                          "or start a new run in another --output_dir.")
+            raise ConfigError("\n".join(report))
+    saved_states = len(list(path.glob("custom_checkpoint_*.pkl")))
+    if saved_states != len(registered):
+        names = [getattr(obj, "name", "") or type(obj).__name__ for obj in registered]
+        raise ConfigError(
+            f"checkpoint {path} holds {saved_states} saved state(s) of the train state and stateful techniques, but "
+            f"this run has {len(registered)} ({', '.join(names)}): it was written with other techniques. Resume with "
+            "the techniques of the run that wrote it (its output_dir/config.yaml), or start a new run in another "
+            "--output_dir."
+        )
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Every `torch.load` inside reads tensors and plain values only, never arbitrary pickled objects, even where the
+    caller asks for `weights_only=False` (accelerate does, for registered objects). Uses torch's own switch."""
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path, model: torch.nn.Module, registered: Sequence[Any]) -> None:
+    """`accelerator.load_state(path)` after `check_checkpoint_matches`, with every torch.load weights-only.
+
+    Under DeepSpeed the engine's own files pickle Python objects (its loss scaler), which a weights-only load
+    refuses, so there the loads stay as DeepSpeed and accelerate make them.
+    """
+    check_checkpoint_matches(path, model, registered)
+    safe = accelerator.distributed_type != DistributedType.DEEPSPEED
+    with weights_only_loads() if safe else contextlib.nullcontext():
+        try:
+            accelerator.load_state(str(path))
+        except pickle.UnpicklingError as error:
+            raise ConfigError(
+                f"checkpoint {path} holds pickled Python objects, not only tensors and plain values, so it is not "
+                f"loaded (it may run code): {str(error).splitlines()[0]} Resume only from checkpoints this framework "
+                "wrote."
+            ) from error

@@ -24,7 +24,7 @@ from framework.backend import (
     make_accelerator,
     unscale_gradients_once,
 )
-from framework.checkpoint import check_resumable, clear_run, resolve_resume, save_checkpoint
+from framework.checkpoint import check_resumable, clear_run, load_checkpoint, resolve_resume, save_checkpoint
 from framework.config import TrainerConfig, flatten
 from framework.errors import FrameworkError
 from framework.state import TrainState
@@ -125,10 +125,11 @@ class Trainer:
             self.draw_lr_schedule(state.output_dir / "lr_schedule.png")
             self.pictures.setdefault("lr_schedule", lambda path: None)  # already at output_dir/lr_schedule.png
         self._call("fit_start")
-        accelerator.register_for_checkpointing(state, *[t for t in self.techniques if t.has_state])
+        registered = [state, *[t for t in self.techniques if t.has_state]]
+        accelerator.register_for_checkpointing(*registered)
         if self.resume_path is not None:
             accelerator.print(f"resuming from {self.resume_path}")
-            accelerator.load_state(str(self.resume_path))
+            load_checkpoint(accelerator, self.resume_path, state.model, registered)
             self._last_checkpoint_step = state.step
         self._start_tracking()
 

@@ -202,10 +202,43 @@ def build_techniques(specs: Mapping[str, Mapping[str, Any] | None]) -> list[Tech
     return techniques
 
 
+def lock_down_parsing() -> None:
+    """Make jsonargparse treat every config as data: it never imports or instantiates what a value names.
+
+    By default jsonargparse builds `{class_path: os.system, init_args: {command: ...}}` wherever a field accepts
+    `Any` (technique and augmentation arguments), which would let a YAML file run any command. Idempotent.
+    """
+    from jsonargparse import set_parsing_settings
+
+    set_parsing_settings(import_path_denylist=["*"], instantiate_subclass_spec_in_any=False)
+
+
+def refuse_code(value: Any, where: str = "") -> None:
+    """Raise `ConfigError` if a config value names Python code to import (a `class_path` key anywhere in it).
+
+    Only registered techniques, and the recipe's own model and data classes, can be built from a config.
+    """
+    if isinstance(value, Mapping):
+        if "class_path" in value:
+            raise ConfigError(
+                f"{where + '.' if where else ''}class_path: a config cannot name Python code to import or call "
+                f"({value['class_path']!r}). Choose techniques by registered name (techniques: {{NAME: {{ARG: "
+                "VALUE}}}}) and models and data through their own options; new techniques are registered in Python "
+                "with @register."
+            )
+        for key, item in value.items():
+            refuse_code(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            refuse_code(item, f"{where}[{index}]")
+
+
 def _validated_arguments(prefix: str, cls: type, args: dict[str, Any]) -> dict[str, Any]:
     """Check names and types of constructor arguments with jsonargparse (the same checks as the rest of the config)."""
     from jsonargparse import ArgumentParser
 
+    lock_down_parsing()
+    refuse_code(args, prefix)
     known = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
     for key in args:
         if key not in known:

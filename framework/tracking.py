@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import netrc
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -80,9 +81,7 @@ def tracker_init_kwargs(output_dir: str, run_name: str | None, group: str | None
     if resuming and id_file.is_file():
         run_id = id_file.read_text().strip()
     else:
-        import wandb
-
-        run_id = wandb.util.generate_id()
+        run_id = uuid.uuid4().hex[:12]  # W&B run ids: letters and digits, unique within the project
         id_file.write_text(run_id + "\n")
     return {"wandb": {"name": name, "dir": str(output_dir), "group": group, "tags": list(tags or []), "id": run_id,
                       "resume": "allow"}}

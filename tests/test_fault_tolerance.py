@@ -48,7 +48,8 @@ def test_killed_mid_epoch_resumes_to_the_same_weights(tmp_path, launch_config):
     assert killed.returncode != 0
     latest = completed_checkpoints(tmp_path / "run")[-1]
     assert int((tmp_path / "run" / "step_rank0").read_text()) == kill_step
-    assert latest.name == f"step_{kill_step // 4 * 4:08d}" and not (tmp_path / "run" / "summary.json").exists()
+    # Killed in the hook after step S, before the loop checkpoints S: the newest checkpoint is the one before.
+    assert latest.name == f"step_{(kill_step - 1) // 4 * 4:08d}" and not (tmp_path / "run" / "summary.json").exists()
 
     resumed = run(tmp_path / "run", launch_config, "--resume_from", "latest")
     assert resumed.returncode == 0 and f"resuming from {latest}" in resumed.stdout
@@ -72,15 +73,18 @@ def test_killed_while_saving_keeps_the_previous_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_on_one_rank_stops_both_at_the_same_step_with_a_checkpoint(tmp_path):
-    stopped = run(tmp_path / "run", "multi_cpu.yaml", "--techniques.sigterm_at", "{step: 5, rank: 1}")
+    stopped = run(tmp_path / "run", "multi_cpu.yaml", "--techniques.sigterm_at", "{step: 5, rank: 1}",
+                  "--tracker", "wandb")
     assert stopped.returncode == 0
     assert "preempted: stopped after step 5" in stopped.stdout
     assert [int((tmp_path / "run" / f"step_rank{r}").read_text()) for r in (0, 1)] == [5, 5]
     assert completed_checkpoints(tmp_path / "run")[-1].name == "step_00000005"
     assert not (tmp_path / "run" / "summary.json").exists()  # it did not pretend to finish
 
-    resumed = run(tmp_path / "run", "multi_cpu.yaml", "--resume_from", "latest")
+    resumed = run(tmp_path / "run", "multi_cpu.yaml", "--resume_from", "latest", "--tracker", "wandb")
     assert resumed.returncode == 0
+    runs = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))  # .../offline-run-<time>-<run id>
+    assert len(runs) == 2 and runs[0].name.rsplit("-", 1)[1] == runs[1].name.rsplit("-", 1)[1]  # one W&B run, resumed
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["run"]["steps"] == 12 and summary["run"]["num_processes"] == 2
     rank0, rank1 = (load_file(tmp_path / "run" / f"params_rank{r}.safetensors") for r in (0, 1))
@@ -138,3 +142,35 @@ def test_scaling_learning_rates_reaches_schedules_and_groups():
     for _ in range(4):  # from here on, every LR is half the unscaled schedule's
         optimizer.step(), schedule.step(), twin.step(), twin_schedule.step()
         assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * twin.param_groups[0]["lr"])
+
+
+def test_mid_epoch_resume_skips_batches_without_loading_them():
+    """The loop resumes with `accelerator.skip_first_batches` on the framework's (map-style) loaders: the batches
+    already seen are skipped in the sampler, so resuming late in an epoch costs no loading, and the rest of the epoch
+    is exactly what the uninterrupted epoch would have served."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    from framework.data.loaders import make_loader
+
+    class Counting(torch.utils.data.Dataset):
+        def __init__(self):
+            self.loaded = []
+
+        def __len__(self):
+            return 40
+
+        def __getitem__(self, index):
+            self.loaded.append(index)
+            return torch.tensor(index)
+
+    accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    dataset = Counting()
+    loader = accelerator.prepare(make_loader(dataset, batch_size=4, shuffle=True, num_workers=0, seed=0))
+    loader.set_epoch(3)
+    full_epoch = [batch.tolist() for batch in loader]
+    dataset.loaded.clear()
+    loader.set_epoch(3)
+    rest = [batch.tolist() for batch in accelerator.skip_first_batches(loader, 7)]
+    assert rest == full_epoch[7:]
+    assert sorted(dataset.loaded) == sorted(i for batch in full_epoch[7:] for i in batch)  # 12 loaded, not 40

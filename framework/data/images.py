@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from framework.data.augment import eval_pipeline, make_augmentation, train_pipeline
 from framework.data.loaders import make_loader
-from framework.data.sources import find_column, load_source, make_splits
+from framework.data.sources import check_sizes, find_column, load_source, make_splits
 from framework.errors import ConfigError
 
 
@@ -56,8 +57,14 @@ class ImageDataConfig:
     """DataLoader worker processes per training process. Default: from the machine's cores (0: in-process)."""
     prefetch_factor: int = 2
     """Batches each worker prepares ahead."""
+    skip_unreadable: bool = False
+    """Train without the images that cannot be read (counted and named in a warning) instead of refusing to start."""
 
     def __post_init__(self):
+        check_sizes("data", self.val_fraction, self.test_fraction,
+                    {"image_size": self.image_size, "batch_size": self.batch_size,
+                     "eval_batch_size": self.eval_batch_size, "prefetch_factor": self.prefetch_factor},
+                    {"num_workers": self.num_workers})
         if not 0 < self.eval_crop_fraction <= 1:
             raise ConfigError(f"data.eval_crop_fraction must be in (0, 1], got {self.eval_crop_fraction}.")
         if self.image_mode not in (None, "L", "RGB"):
@@ -109,6 +116,8 @@ class ImageData:
     mode: str
     mean: list[float]
     std: list[float]
+    skipped_images: dict[str, int] = field(default_factory=dict)
+    """Unreadable images left out of each split (`data.skip_unreadable`)."""
 
     @property
     def num_classes(self) -> int:
@@ -143,8 +152,24 @@ def image_data(config: ImageDataConfig, seed: int = 0) -> ImageData:
                                "data.label_column")
     loaded = _decode_columns(loaded, image_column, label_column, config.name)
     splits = make_splits(loaded, config.val_fraction, config.test_fraction, config.split_seed, label_column)
+    skipped = {}
     for split, dataset in splits.items():
-        cached(dataset, "checked_images", image_column, lambda: check_images(dataset, image_column, split))
+        unreadable = cached(dataset, "unreadable_images", image_column,
+                            lambda: unreadable_images(dataset, image_column, split))
+        if not unreadable:
+            continue
+        names = "; ".join(description for _, description in unreadable[:5])
+        more = f" (and {len(unreadable) - 5} more)" if len(unreadable) > 5 else ""
+        if not config.skip_unreadable:
+            raise ConfigError(f"{len(unreadable)} image(s) of the {split} split cannot be read: {names}{more}. Remove "
+                              "or replace the corrupt files, or pass --data.skip_unreadable true to train without them.")
+        bad = {index for index, _ in unreadable}
+        splits[split] = dataset.select([i for i in range(len(dataset)) if i not in bad])
+        skipped[split] = len(unreadable)
+        warnings.warn(f"data.skip_unreadable: skipped {len(unreadable)} unreadable image(s) of the {split} split "
+                      f"({len(splits[split])} left): {names}{more}", stacklevel=2)
+        if len(splits[split]) == 0:
+            raise ConfigError(f"every image of the {split} split is unreadable ({names}{more}): check data.name.")
     mode = config.image_mode or _mode_of(splits["train"][0][image_column])
     mean, std = cached_channel_stats(splits["train"], image_column, mode)
 
@@ -161,7 +186,7 @@ def image_data(config: ImageDataConfig, seed: int = 0) -> ImageData:
                                      shuffle=training, num_workers=config.num_workers,
                                      prefetch_factor=config.prefetch_factor, seed=seed if training else None)
     names = splits["train"].features[label_column].names
-    return ImageData(config, splits, loaders, names, mode, mean, std)
+    return ImageData(config, splits, loaders, names, mode, mean, std, skipped)
 
 
 def _decode_columns(loaded: datasets.DatasetDict, image_column: str, label_column: str,
@@ -207,20 +232,19 @@ def channel_stats(dataset: datasets.Dataset, image_column: str, mode: str,
     return mean.tolist(), std.tolist()
 
 
-def check_images(dataset: datasets.Dataset, image_column: str, split: str) -> None:
-    """Open every image's header (cheap: no pixels are decoded) so a corrupt or non-image file is named before
-    training starts, not deep inside a DataLoader worker."""
+def unreadable_images(dataset: datasets.Dataset, image_column: str, split: str) -> list[tuple[int, str]]:
+    """Open every image's header (cheap: no pixels are decoded) so a corrupt, missing or non-image file is named
+    before training starts, not deep inside a DataLoader worker. Returns (index, "file (reason)") of each bad one."""
     raw = dataset.cast_column(image_column, datasets.Image(decode=False))
     unreadable = []
     for start in range(0, len(raw), 1000):
         for offset, item in enumerate(raw[start:start + 1000][image_column]):
+            index = start + offset
             try:
                 Image.open(io.BytesIO(item["bytes"]) if item["bytes"] else item["path"]).close()
             except (OSError, ValueError) as error:
-                unreadable.append(f"{item['path'] or f'{split} sample {start + offset}'} ({error})")
-    if unreadable:
-        raise ConfigError(f"{len(unreadable)} image(s) of the {split} split cannot be read: "
-                          f"{'; '.join(unreadable[:5])}. Remove or replace the corrupt files.")
+                unreadable.append((index, f"{item['path'] or f'{split} sample {index}'} ({error})"))
+    return unreadable
 
 
 def cache_dir() -> Path:

@@ -7,6 +7,8 @@ import os
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from framework.errors import ConfigError
+
 
 def auto_num_workers() -> int:
     """Worker processes per training process: the CPU cores this process may use, shared among the processes of
@@ -25,6 +27,14 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
         prefetch_factor: batches each worker prepares ahead.
         seed: seeds the shuffling generator, so the order is the same on every run (and every rank).
     """
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # each process takes whole batches of its own
+    if drop_last and len(dataset) < batch_size * processes:
+        across = f" × {processes} processes = {batch_size * processes}" if processes > 1 else ""
+        raise ConfigError(
+            f"batch size {batch_size}{across} is larger than the {len(dataset)} samples of the split, and its last "
+            f"incomplete batch is dropped, so an epoch would have no batch. Lower data.batch_size to at most "
+            f"{max(len(dataset) // processes, 1)} or add data."
+        )
     workers = auto_num_workers() if num_workers is None else num_workers
     return DataLoader(
         dataset,

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import glob
 from pathlib import Path
 
 import datasets
@@ -26,18 +27,27 @@ VALIDATION_NAMES = ("validation", "valid", "val", "dev")
 
 def load_source(name: str, subset: str | None = None, **builder_kwargs) -> datasets.DatasetDict:
     """Load `name` (see the module docstring) as a `DatasetDict` (a source without splits comes back as "train")."""
-    path = Path(name)
+    path = Path(name).expanduser()
+    looks_local = path.is_absolute() or name.startswith((".", "~")) or path.suffix in FILE_BUILDERS
+    if name not in EMBEDDED and looks_local and not glob.glob(str(path), recursive=True):
+        raise ConfigError(f"data.name {name!r} could not be loaded: no such file or folder (relative paths start "
+                          f"from {Path.cwd()}). Check the path, or give an embedded data set: {', '.join(EMBEDDED)}.")
     try:
         if name in EMBEDDED:
             loaded = EMBEDDED[name]()
         elif path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
-            loaded = datasets.load_from_disk(name)
+            loaded = datasets.load_from_disk(str(path))
         elif path.suffix in FILE_BUILDERS:
-            loaded = datasets.load_dataset(FILE_BUILDERS[path.suffix], data_files=name, **builder_kwargs)
+            loaded = datasets.load_dataset(FILE_BUILDERS[path.suffix], data_files=str(path), **builder_kwargs)
         else:
             loaded = datasets.load_dataset(name, subset, **builder_kwargs)
-    except (FileNotFoundError, ConnectionError, ValueError, datasets.exceptions.DatasetNotFoundError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    except (FileNotFoundError, ConnectionError, ValueError, datasets.exceptions.DatasetNotFoundError,
+            datasets.exceptions.DatasetGenerationError) as error:
+        reason = error.__cause__ or error  # a file that cannot be parsed: the builder's own error says which
+        first_line = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
+        if "corresponds to no data" in first_line:  # datasets' words for files that hold no rows
+            raise ConfigError(f"data.name {name!r} holds no samples (its files are empty): add data, or point "
+                              "data.name at the files that hold it.") from error
         raise ConfigError(
             f"data.name {name!r} could not be loaded ({first_line}). Give an embedded data set "
             f"({', '.join(EMBEDDED)}), a local folder, data files ({', '.join(FILE_BUILDERS)}), or a hub id (needs "
@@ -48,6 +58,27 @@ def load_source(name: str, subset: str | None = None, **builder_kwargs) -> datas
     if "train" not in loaded:
         raise ConfigError(f"data.name {name!r} has the splits {sorted(loaded)} but no 'train' split.")
     return loaded
+
+
+def check_sizes(prefix: str, val_fraction: float, test_fraction: float, at_least_one: dict[str, int | None],
+                at_least_zero: dict[str, int | None] | None = None) -> None:
+    """Refuse a data config's out-of-range numbers before anything is loaded (None means automatic or unlimited).
+
+    Args:
+        prefix: the option's prefix in messages (`data`).
+        at_least_one / at_least_zero: option name -> value, for values that must be >= 1 (batch sizes) or >= 0.
+    """
+    for least, values in ((1, at_least_one), (0, at_least_zero or {})):
+        for name, value in values.items():
+            if value is not None and value < least:
+                raise ConfigError(f"{prefix}.{name} must be at least {least}, got {value}: pass --{prefix}.{name} "
+                                  f"{least} or more.")
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0 < value < 1:
+            raise ConfigError(f"{prefix}.{name} must be in (0, 1), got {value}: e.g. 0.1 holds out 10% of the data.")
+    if val_fraction + test_fraction >= 1:
+        raise ConfigError(f"{prefix}.val_fraction + {prefix}.test_fraction = {val_fraction + test_fraction} leaves "
+                          "no training data: keep their sum below 1.")
 
 
 def split_dataset(dataset: datasets.Dataset, val_fraction: float, test_fraction: float, seed: int,

@@ -14,7 +14,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from framework.data.loaders import make_loader
-from framework.data.sources import load_source, make_splits
+from framework.data.sources import check_sizes, load_source, make_splits
 from framework.errors import ConfigError
 
 END_OF_DOCUMENT = 0  # a byte that UTF-8 text does not contain
@@ -41,6 +41,12 @@ class TextDataConfig:
     eval_batch_size: int = 32
     num_workers: int | None = 0
     """Blocks are in memory already: 0 loads in the training process. None: from the machine's cores."""
+
+    def __post_init__(self) -> None:
+        check_sizes("data", self.val_fraction, self.test_fraction,
+                    {"context_length": self.context_length, "batch_size": self.batch_size,
+                     "eval_batch_size": self.eval_batch_size, "max_eval_blocks": self.max_eval_blocks},
+                    {"num_workers": self.num_workers})
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.optim import lr_scheduler
 
-from framework.checkpoint import completed_checkpoints
+from framework.checkpoint import completed_checkpoints, load_checkpoint
 from framework.errors import ConfigError
 from framework.state import TrainState
 from framework.technique import Backend, IncompatibleError, Technique, register
@@ -104,7 +104,8 @@ class NaNGuard(Technique):
             self._stop(state, "no checkpoint to roll back to" if not checkpoints
                        else f"{self.rollbacks} rollback(s) did not help")
         counters = (self.skipped, self.rollbacks + 1)
-        state.accelerator.load_state(str(checkpoints[-1]))  # every rank: they agreed on this step
+        registered = [state, *[t for t in state.techniques if t.has_state]]
+        load_checkpoint(state.accelerator, checkpoints[-1], state.model, registered)  # every rank: they agreed
         self.skipped, self.rollbacks = counters  # the guard's own counts outlive the rollback
         self.consecutive = 0
         schedulers = [t.scheduler for t in state.techniques if getattr(t, "scheduler", None) is not None]
