@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"round {round_index + 1}/{args.repeats} {variant}: "
                       f"{statistics.median(results[variant][-1]['times']) * 1e3:.0f} ms", file=sys.stderr)
         for variant in VARIANTS:
-            measured[variant] = torch.load(Path(scratch) / f"{variant}.pt")
+            measured[variant] = torch.load(Path(scratch) / f"{variant}.pt", weights_only=True)
 
     rows: dict[str, dict] = {}
     for variant in VARIANTS:

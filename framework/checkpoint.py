@@ -156,6 +156,10 @@ def _saved_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
     return None
 
 
+def _unwrapped(key: str) -> str:
+    return key.removeprefix("module.").replace("_orig_mod.", "")
+
+
 def _listing(items: list[str], limit: int = 8) -> str:
     more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
     return "; ".join(items[:limit]) + more
@@ -166,12 +170,15 @@ def check_checkpoint_matches(path: Path, model: torch.nn.Module, registered: Seq
     with a torch traceback: one report of the mismatched weight names and shapes.
 
     Args:
-        model: the prepared model, as `load_state` will load into it (DDP's `module.` prefix included).
+        model: the model, prepared (wrapped) or not.
         registered: the objects registered for checkpointing, in order (the train state, stateful techniques).
     """
     saved = _saved_shapes(path)
     if saved is not None:
-        expected = model.state_dict()
+        # Compared without the wrappers' prefixes (DDP's `module.`, torch.compile's `_orig_mod.`): accelerate saves
+        # and loads the unwrapped weights.
+        saved = {_unwrapped(key): shape for key, shape in saved.items()}
+        expected = {_unwrapped(key): tensor for key, tensor in model.state_dict().items()}
         # Tied weights (a GPT's embedding and output layer) are saved once, under one of their names.
         by_storage: dict[int, list[str]] = {}
         for key, tensor in expected.items():
@@ -191,11 +198,7 @@ def check_checkpoint_matches(path: Path, model: torch.nn.Module, registered: Seq
                 report.append(f"  in the model, not in the checkpoint ({len(missing)}): {_listing(missing)}")
             if unexpected:
                 report.append(f"  in the checkpoint, not in the model ({len(unexpected)}): {_listing(unexpected)}")
-            hint = ""
-            if any(k.startswith(("module.", "_orig_mod.")) for k in [*saved, *expected]):
-                hint = ("The `module.` / `_orig_mod.` prefixes come from DDP and torch.compile: resume with the launch "
-                        "config and --compile setting that wrote it. ")
-            report.append(f"{hint}Resume with the model options of the run that wrote it (its output_dir/config.yaml), "
+            report.append("Resume with the model options of the run that wrote it (its output_dir/config.yaml), "
                           "or start a new run in another --output_dir.")
             raise ConfigError("\n".join(report))
     saved_states = len(list(path.glob("custom_checkpoint_*.pkl")))

@@ -14,14 +14,11 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Optional, TypeVar
+from typing import Any, Literal, Optional, TypeVar
 
 import yaml
 
 from framework.errors import ConfigError, FrameworkError
-
-if TYPE_CHECKING:
-    from framework.optim import OptimizerConfig
 
 C = TypeVar("C")
 
@@ -93,23 +90,6 @@ class TrainerConfig:
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every must be at least 1 (or null: only at epoch ends), got "
                               f"{self.checkpoint_every}.")
-        from framework.optim import OptimizerConfig
-
-        if isinstance(getattr(self, "optimizer", None), OptimizerConfig):  # the recipes' optimizer section
-            check_optimizer(self.optimizer)
-
-
-def check_optimizer(optimizer: OptimizerConfig) -> None:
-    """Refuse optimizer values torch would reject only when the optimizer is built (as a ValueError traceback)."""
-    if not optimizer.lr > 0:
-        raise ConfigError(f"optimizer.lr must be positive, got {optimizer.lr}. Set --optimizer.lr to the peak learning "
-                          "rate, e.g. 0.01 (schedules and warmup lower it from there).")
-    if not optimizer.weight_decay >= 0:
-        raise ConfigError(f"optimizer.weight_decay must be 0 or more, got {optimizer.weight_decay}.")
-    if not all(0 <= beta < 1 for beta in optimizer.betas):
-        raise ConfigError(f"optimizer.betas must both be in [0, 1), got {list(optimizer.betas)}.")
-    if not optimizer.momentum >= 0:
-        raise ConfigError(f"optimizer.momentum must be 0 or more, got {optimizer.momentum}.")
 
 
 def parse_config(config_class: type[C], args: Sequence[str] | None = None) -> C:

@@ -136,7 +136,7 @@ def test_resume_from_first_epoch_restores_ema_counters_and_weights(tmp_path):
     assert [c.name for c in checkpoints] == ["step_00000004", "step_00000008"]
     reset_accelerate()
     # Registered objects, in order: the TrainState counters, cosine_lr, ema (the probe has no state).
-    first_epoch_ema = torch.load(checkpoints[0] / "custom_checkpoint_2.pkl", weights_only=False)
+    first_epoch_ema = torch.load(checkpoints[0] / "custom_checkpoint_2.pkl", weights_only=True)
     resumed, resumed_ema, probe = run(tmp_path / "resumed", resume_from=str(checkpoints[0]))
 
     # Right after loading: counters, schedule and EMA are those of the end of epoch 1.
