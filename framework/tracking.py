@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import netrc
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -106,3 +107,68 @@ def memory_use(device: torch.device) -> dict[str, float]:
         values["memory/cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         torch.cuda.reset_peak_memory_stats(device)
     return values
+
+
+class LogWindow:
+    """Sums losses and metrics between log lines on the device, so steps in between never wait on the host; times
+    how long the loop waited for the next batch (`perf/data_wait`: that share of wall time, an input bottleneck)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.metric_sums: dict[str, torch.Tensor] = {}
+        self.batches = 0
+        self.samples = 0
+        self.tokens = 0
+        self.data_wait = 0.0
+        self.started = self.waiting_since = time.perf_counter()
+
+    def wait_for_data(self) -> None:
+        self.waiting_since = time.perf_counter()
+
+    def data_arrived(self) -> None:
+        self.data_wait += time.perf_counter() - self.waiting_since
+
+    def add(self, loss: torch.Tensor, samples: int, tokens: int, metrics: dict[str, torch.Tensor]) -> None:
+        self.loss_sum += loss.detach().float()
+        for name, value in metrics.items():
+            self.metric_sums[name] = self.metric_sums.get(name, 0) + value.detach().float()
+        self.batches += 1
+        self.samples += samples
+        self.tokens += tokens
+
+    def flush(self, accelerator: Accelerator, logs: dict[str, Any]) -> dict[str, Any]:
+        """Means over ranks of loss and task metrics, plus the techniques' logged values, as floats (one host sync)."""
+        elapsed = time.perf_counter() - self.started
+        # One gather carries every rank's means and step time: the main process logs the mean over ranks and each
+        # rank's step time (a slow rank shows up as one line apart, in the one run).
+        local = torch.stack([self.loss_sum, *self.metric_sums.values()]) / max(self.batches, 1)
+        step_time = torch.tensor([elapsed / max(self.batches, 1)], device=local.device)
+        per_rank = accelerator.gather(torch.cat([local, step_time]).reshape(1, -1))  # (ranks, k + 1)
+        names = ["train/loss", *(f"train/{k}" for k in self.metric_sums), *logs]
+        tensors = [per_rank[:, :-1].mean(dim=0)] + [
+            torch.as_tensor(v, dtype=torch.float32, device=local.device).reshape(1) for v in logs.values()]
+        values = dict(zip(names, torch.cat(tensors).tolist()))
+        values.update({f"perf/step_seconds/rank_{rank}": t for rank, t in enumerate(per_rank[:, -1].tolist())})
+        values["samples_per_second"] = self.samples / elapsed if elapsed > 0 else 0.0
+        if self.tokens:
+            values["tokens_per_second"] = self.tokens / elapsed if elapsed > 0 else 0.0
+        values["perf/data_wait"] = self.data_wait / elapsed if elapsed > 0 else 0.0
+        self.reset()
+        return values
+
+
+#: `--overfit_batches`: a final training loss below this counts as "went near zero".
+OVERFIT_NEAR_ZERO = 0.05
+
+
+def overfit_verdict(batches: int, first_loss: float, last_loss: float, near_zero: bool) -> str:
+    if near_zero:
+        return (f"overfit_batches {batches}: training loss {first_loss:.4f} -> {last_loss:.4f}, near zero: the model, "
+                "loss and optimizer can learn. Now train on all the data.")
+    return (f"overfit_batches {batches}: training loss {first_loss:.4f} -> {last_loss:.4f}, NOT near zero "
+            f"(< {OVERFIT_NEAR_ZERO}). Train longer (--max_steps), raise the LR, turn regularization off (augmentation, "
+            "mixup, label smoothing, dropout, weight decay), and check that labels match inputs.")
