@@ -1,4 +1,4 @@
-# Two commands: `make train` and `make test`. Each creates .venv on first use.
+# `make train`, `make test` and `make bench`. Each creates .venv on first use.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # torch first (from the local wheel cache), deepspeed after it: deepspeed's sdist imports torch when it builds.
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: train test setup clean
+.PHONY: train test bench setup clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,10 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Every benchmark side by side (~15 minutes on 2 cores); the table goes to benchmarks/results/summary.md.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs wandb

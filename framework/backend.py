@@ -10,10 +10,12 @@ machines without a GPU (see DESIGN.md) are handled here:
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import accelerate.optimizer
 import torch
 from accelerate import Accelerator
 from accelerate.utils import (
@@ -28,6 +30,11 @@ from accelerate.utils import (
 
 from framework.errors import ConfigError, LaunchError
 from framework.technique import Backend
+
+# accelerate's optimizer step asks `is_lomo_available()` twice per step, and each answer is a fresh search of
+# sys.path on disk (~0.3 ms per step, measured in benchmarks/loop_parity.py). The answer cannot change while a run
+# lives, so it is asked once.
+accelerate.optimizer.is_lomo_available = functools.cache(accelerate.optimizer.is_lomo_available)
 
 
 FP16_ON_CPU = (

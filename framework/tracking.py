@@ -148,11 +148,11 @@ class LogWindow:
         local = torch.stack([self.loss_sum, *self.metric_sums.values()]) / max(self.batches, 1)
         step_time = torch.tensor([elapsed / max(self.batches, 1)], device=local.device)
         per_rank = accelerator.gather(torch.cat([local, step_time]).reshape(1, -1))  # (ranks, k + 1)
-        names = ["train/loss", *(f"train/{k}" for k in self.metric_sums), *logs]
+        names = ["train/loss", *(f"train/{k}" for k in self.metric_sums), *logs,
+                 *(f"perf/step_seconds/rank_{rank}" for rank in range(per_rank.shape[0]))]
         tensors = [per_rank[:, :-1].mean(dim=0)] + [
             torch.as_tensor(v, dtype=torch.float32, device=local.device).reshape(1) for v in logs.values()]
-        values = dict(zip(names, torch.cat(tensors).tolist()))
-        values.update({f"perf/step_seconds/rank_{rank}": t for rank, t in enumerate(per_rank[:, -1].tolist())})
+        values = dict(zip(names, torch.cat([*tensors, per_rank[:, -1]]).tolist()))  # the one host read
         values["samples_per_second"] = self.samples / elapsed if elapsed > 0 else 0.0
         if self.tokens:
             values["tokens_per_second"] = self.tokens / elapsed if elapsed > 0 else 0.0
