@@ -116,8 +116,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         per_step = sum(counter.per_step) / args.steps
         raw[name] = {"sites": dict(counter.sites), "per_step": counter.per_step,
                      "syncs_on_steps_without_a_log_line": sum(off_log)}
-        rows.append(Row("host syncs", name, per_step, "syncs/step", target=f"≤ {TARGET}/step; none between log lines",
-                        met=per_step <= TARGET and not any(off_log),
+        at_default = config["log_every"] == default  # the target is for the default interval; 10 is shown for scale
+        rows.append(Row("host syncs", name, per_step, "syncs/step",
+                        target=f"≤ {TARGET}/step; none between log lines" if at_default else "",
+                        met=per_step <= TARGET and not any(off_log) if at_default else None,
                         note=", ".join(f"{site} ×{n}" for site, n in counter.sites.most_common())))
     checks = {name: {"syncs_between_log_lines": r["syncs_on_steps_without_a_log_line"]} for name, r in raw.items()}
     return report("host_syncs", args, rows, raw, checks)
