@@ -268,6 +268,8 @@ def test_training_peak_memory_of_chunked_with_recompute_is_far_below_naive():
     # chunked holds 256 × 256 blocks (0.25 MiB) and q, k, v, output and their gradients (1 MiB each). Smallest first,
     # so memory freed by one variant cannot hide the next one's peak.
     peaks = peak_mb(4096, "chunked", "chunked_no_recompute", "naive")
-    assert peaks["naive"] > 128, peaks  # the gap to detect is real
+    # The gap to detect is real: naive keeps at least one and a half (T, T) fp32 matrices (64 MiB each) at its peak
+    # (two in theory; heap pages left from the warm-up absorb a little of it: 127.6 MiB was seen in CI).
+    assert peaks["naive"] > 96, peaks
     assert peaks["chunked"] < peaks["naive"] / 8, peaks
     assert peaks["chunked_no_recompute"] > peaks["naive"] / 2, peaks  # chunking alone saves no training memory

@@ -71,12 +71,16 @@ def test_tensorboard_tracker_holds_train_loss(tmp_path):
 
 @pytest.mark.slow
 def test_default_config_reaches_995_test_accuracy(tmp_path):
-    """The README's promise: the default run reaches ≥ 99.5% test accuracy on the embedded digits."""
+    """The README's promise: the default run reaches ≥ 99.5% test accuracy on the embedded digits; and the doctor,
+    on by default with its default thresholds, stays silent on it (the default run users start, launched once for
+    both claims)."""
     result = launch(RECIPE, *CONFIG, "--output_dir", str(tmp_path), "--tracker", "none")
     assert result.returncode == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["metrics"]["test/accuracy"] >= 0.995, summary
     assert (tmp_path / "model_ema.safetensors").exists() and (tmp_path / "model.safetensors").exists()
+    assert summary["run"]["techniques"][0] == "doctor" and summary["doctor"] == []
+    assert "doctor: no findings" in result.stdout
 
 
 @pytest.mark.slow

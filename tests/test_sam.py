@@ -77,7 +77,7 @@ def test_sam_refusals(tmp_path):
 def test_sam_keeps_two_ranks_identical_with_clipping_and_bf16(tmp_path):
     result = launch(ROOT / "tests" / "scripts" / "recipe_then_dump_params.py", "--config",
                     str(ROOT / "recipes" / "configs" / "image_classification.yaml"), "--output_dir", str(tmp_path),
-                    "--epochs", "2", "--tracker", "none", "--techniques.sam", "{rho: 0.05}",
+                    "--epochs", "2", "--tracker", "none", "--techniques.sam", "{rho: 0.05}", "--log_every", "5",
                     "--techniques.dump_params", "{}", launch_config="multi_cpu.yaml",
                     launcher_args=("--mixed_precision", "bf16"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -95,7 +95,7 @@ def test_sam_keeps_two_ranks_identical_with_clipping_and_bf16(tmp_path):
 def test_recipe_with_sam_lookahead_onecycle_and_centralization_reaches_99(tmp_path):
     result = launch(ROOT / "recipes" / "image_classification.py", "--config",
                     str(ROOT / "recipes" / "configs" / "image_classification.yaml"), "--output_dir", str(tmp_path),
-                    "--tracker", "none", "--techniques",
+                    "--tracker", "none", "--epochs", "10", "--techniques",
                     "{gradient_centralization: {}, sam: {rho: 0.05}, lookahead: {k: 5, alpha: 0.5}, onecycle_lr: {}, "
                     "gradient_clipping: {max_norm: 2.0}, ema: {decay: 0.99, warmup: true}}")
     assert result.returncode == 0, result.stderr[-3000:]
