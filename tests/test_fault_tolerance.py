@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from framework.checkpoint import MARKER, completed_checkpoints, resolve_resume
-from framework.techniques.nan_guard import scale_learning_rates_
+from framework.techniques.nan_guard import nonfinite, scale_learning_rates_
 from helpers import ROOT, launch
 
 DUMP = ROOT / "tests" / "scripts" / "recipe_then_dump_params.py"
@@ -174,3 +174,10 @@ def test_mid_epoch_resume_skips_batches_without_loading_them():
     rest = [batch.tolist() for batch in accelerator.skip_first_batches(loader, 7)]
     assert rest == full_epoch[7:]
     assert sorted(dataset.loaded) == sorted(i for batch in full_epoch[7:] for i in batch)  # 12 loaded, not 40
+
+
+def test_nonfinite_flags_a_loss_or_a_gradient_alone():
+    finite = [torch.ones(3), torch.zeros(2, 2)]
+    assert not nonfinite(finite) and not nonfinite([None])
+    assert nonfinite([torch.tensor(float("nan"))])  # a NaN loss whose gradients happen to be finite
+    assert nonfinite([*finite, torch.tensor([1.0, float("inf")])])

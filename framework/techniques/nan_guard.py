@@ -25,14 +25,14 @@ from framework.technique import Backend, IncompatibleError, Technique, register
 LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
 
 
-def nonfinite(loss: torch.Tensor, gradients: Iterable[torch.Tensor]) -> torch.Tensor:
-    """A 0-dim bool tensor on the loss's device: is the loss or the total gradient norm inf or NaN (no host sync)."""
-    bad = ~torch.isfinite(loss.detach().float()).all()
-    gradients = [g for g in gradients if g is not None]
-    if gradients:
-        norms = torch.stack([n.float() for n in torch._foreach_norm(gradients)])
-        bad = bad | ~torch.isfinite(norms).all()
-    return bad
+def nonfinite(tensors: Iterable[torch.Tensor | None]) -> torch.Tensor:
+    """A 0-dim bool tensor: does any of `tensors` (a loss, the gradients) hold an inf or NaN. One fused norm pass,
+    no host sync."""
+    present = [t.detach() for t in tensors if t is not None]
+    if not present:
+        return torch.zeros((), dtype=torch.bool)
+    norms = torch.stack([n.float() for n in torch._foreach_norm(present)])
+    return ~torch.isfinite(norms).all()
 
 
 def scale_learning_rates_(optimizer: torch.optim.Optimizer, schedulers: Iterable[Any], factor: float) -> None:
@@ -79,13 +79,13 @@ class NaNGuard(Technique):
         state.summary["nan_guard"] = {"skipped": self.skipped, "rollbacks": self.rollbacks}
 
     def on_loss(self, state: TrainState, loss: torch.Tensor, batch: Any, outputs: Any) -> torch.Tensor:
-        bad = ~torch.isfinite(loss.detach().float()).all()
+        bad = nonfinite([loss])
         self._loss_bad = bad if self._loss_bad is None else self._loss_bad | bad  # over accumulated micro-batches
         self._batch = batch
         return loss
 
     def before_optimizer_step(self, state: TrainState) -> None:
-        bad = nonfinite(self._loss_bad, (p.grad for p in state.model.parameters()))
+        bad = nonfinite(p.grad for p in state.model.parameters()).to(self._loss_bad.device) | self._loss_bad
         self._loss_bad = None
         if not state.accelerator.reduce(bad.float(), reduction="sum").item():  # all ranks agree: one host read
             self.consecutive = 0
