@@ -131,6 +131,84 @@ def test_a_row_with_every_key_masked_gives_zeros_and_zero_gradients(implementati
     assert_all_close((out, dq, dk, dv), reference(q, k, v, d_out, causal=True, key_padding_mask=padding), **FP32)
 
 
+# --- additive masks at torch.finfo(dtype).min (Hugging Face's) -----------------------------------------------------
+def hf_additive_mask(B: int, Tq: int, Tk: int, causal: bool, dtype=torch.float32) -> torch.Tensor:
+    """A (B, 1, Tq, Tk) additive mask as Hugging Face models build it: 0 where allowed, torch.finfo(dtype).min where
+    not. Sequence 0 is left-padded, 1 right-padded (and its middle query row masked outright), 2 all padding. Causal is
+    bottom-right aligned as with a key cache (so for Tq > Tk the first queries see no key). Left padding under causal,
+    the all-padding sequence and the masked row leave rows with every key masked by a finite value."""
+    assert B >= 3
+    allowed = torch.ones(B, 1, Tq, Tk, dtype=torch.bool)
+    if causal:
+        allowed &= torch.arange(Tk) <= torch.arange(Tq)[:, None] + (Tk - Tq)
+    allowed[0, ..., : Tk // 3] = False  # left padding
+    allowed[1, ..., Tk - Tk // 4:] = False  # right padding
+    allowed[1, :, Tq // 2] = False  # one query row with no allowed key
+    allowed[2] = False  # a sequence of padding only
+    return torch.zeros(B, 1, Tq, Tk, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+FINFO_MIN_IMPLEMENTATIONS = {
+    "naive": lambda q, k, v, chunk, **kw: naive_attention(q, k, v, **kw),
+    "sdpa": lambda q, k, v, chunk, **kw: attention(q, k, v, implementation="sdpa", **kw),
+    "auto": lambda q, k, v, chunk, **kw: attention(q, k, v, implementation="auto", chunk_size=chunk, **kw),
+    "chunked": lambda q, k, v, chunk, **kw: attention(q, k, v, implementation="chunked", chunk_size=chunk, **kw),
+    "chunked_uneven": lambda q, k, v, chunk, **kw: chunked_attention(q, k, v, q_chunk_size=chunk,
+                                                                     k_chunk_size=chunk + 2, **kw),
+    "chunked_no_recompute": lambda q, k, v, chunk, **kw: chunked_attention(q, k, v, q_chunk_size=chunk,
+                                                                           k_chunk_size=chunk, recompute=False, **kw),
+}
+
+
+@pytest.mark.parametrize("implementation", list(FINFO_MIN_IMPLEMENTATIONS))
+@pytest.mark.parametrize("causal", [False, True], ids=["padding", "causal+padding"])
+def test_finfo_min_additive_mask_gradients_match_fp64_reference(implementation, causal):
+    """A row whose keys are all masked by a large finite value is not empty: softmax of equal scores is uniform, and
+    the fp64 reference differentiates it as such. The fp32 log-sum-exp m + log(l) at m ≈ −3.4e38 drops log(l), which
+    made such rows' dq/dk/dv up to Tk times too large in the chunked kernel and in torch's fused CPU SDPA."""
+    fn = FINFO_MIN_IMPLEMENTATIONS[implementation]
+    for seed, ((Tq, Tk), chunk) in enumerate(zip(SHAPES + ((6, 23), (23, 6)), (4, 7, 3, 5, 8))):
+        q, k, v, d_out, _ = make_inputs(Tq, Tk, "none", seed=500 + 10 * seed + causal, B=3)
+        mask = hf_additive_mask(3, Tq, Tk, causal)
+        expected = reference(q, k, v, d_out, mask=mask)
+        got = run(lambda q, k, v, **kw: fn(q, k, v, chunk, **kw), q, k, v, d_out, mask=mask)
+        assert all(torch.isfinite(t).all() for t in got), implementation
+        assert_all_close(got, expected, **FP32)
+        # the uniform average over keys, with nonzero gradients, as the reference has it
+        assert (got[1][2] != 0).any() and (got[3][2] != 0).any()
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bfloat16, torch.float32])
+def test_finfo_min_additive_mask_gradients_in_bf16(mask_dtype):
+    """bf16 inputs with HF's bf16 mask (finfo(bf16).min), or with an fp32 one, whose finfo.min is beyond bf16's range:
+    SDPA must not let it overflow to −inf (which would make the row empty instead of uniform)."""
+    q, k, v, d_out, _ = make_inputs(29, 29, "none", seed=8, dtype=torch.bfloat16, B=3, D=16)
+    mask = hf_additive_mask(3, 29, 29, causal=True, dtype=mask_dtype)
+    expected = reference(q, k, v, d_out, mask=mask)
+    for implementation, chunk in (("chunked", 6), ("chunked", 29), ("sdpa", 6), ("auto", 6)):
+        got = run(attention, q, k, v, d_out, mask=mask, implementation=implementation, chunk_size=chunk)
+        assert all(t.dtype == torch.bfloat16 for t in got), implementation
+        assert_all_close(got, expected, **BF16)
+
+
+def test_auto_sends_additive_masks_to_chunked_unless_they_learn():
+    """torch's fused SDPA (CPU) loses a fully masked row's log(Tk) at finfo.min like the old chunked kernel did, so
+    `auto` never hands it an additive mask; a mask that requires grad goes to SDPA's MATH backend, which is exact."""
+    q = k = torch.empty(1, 2, 16, 8, device="meta")
+    hf = torch.zeros(1, 1, 16, 16, device="meta")
+    assert choose_implementation(q, k, mask=hf) == "chunked"
+    assert choose_implementation(q, k, mask=torch.zeros(16, device="meta")) == "chunked"  # even a (Tk,) key mask
+    assert choose_implementation(q, k, mask=hf.bool()) == "sdpa"  # bool masks are -inf: SDPA handles them
+    assert choose_implementation(q, k, mask=hf.clone().requires_grad_()) == "sdpa"
+    # and the learned mask gets the reference's gradient through SDPA, finfo.min rows included
+    q, k, v, d_out, _ = make_inputs(9, 11, "none", seed=4, B=3)
+    bias = hf_additive_mask(3, 9, 11, causal=True).requires_grad_()
+    attention(q, k, v, mask=bias).backward(d_out)
+    bias64 = bias.detach().double().requires_grad_()
+    naive_attention(*(t.double() for t in (q, k, v)), mask=bias64).backward(d_out.double())
+    torch.testing.assert_close(bias.grad.double(), bias64.grad, **FP32)
+
+
 # --- the entry point -------------------------------------------------------------------------------------------------
 def test_unknown_implementation_is_a_config_error_naming_the_choices():
     q = torch.randn(1, 1, 4, 2)
@@ -158,7 +236,8 @@ def test_auto_uses_sdpa_unless_it_would_need_a_large_mask():
     assert choose_implementation(*qk(2048), causal=True, key_padding_mask=padding(1, 2048)) == "sdpa"
     assert choose_implementation(*qk(2048, B=2), causal=True, key_padding_mask=padding(2, 2048)) == "chunked"
     assert choose_implementation(*qk(4096), causal=True, key_padding_mask=padding(1, 4096)) == "chunked"
-    assert choose_implementation(*qk(4096), mask=torch.empty(1, 1, 4096, device="meta")) == "sdpa"  # (1, 1, 1, Tk)
+    key_mask = torch.empty(1, 1, 4096, dtype=torch.bool, device="meta")
+    assert choose_implementation(*qk(4096), mask=key_mask) == "sdpa"  # (1, 1, 1, Tk)
     learned = torch.empty(4096, 4096, device="meta", requires_grad=True)
     assert choose_implementation(*qk(4096), mask=learned) == "sdpa"  # chunked gives an additive mask no gradient
 

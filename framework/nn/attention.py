@@ -5,8 +5,9 @@ row sum (Milakov & Gimelshein, https://arxiv.org/abs/1805.02867; Rabe & Staats, 
 Under plain autograd that alone saves memory only in inference: every block's probabilities are kept for backward, so
 training holds as much as naive attention. `chunked_attention(..., recompute=True)` is therefore a custom autograd
 function in the style of FlashAttention (Dao et al., https://arxiv.org/abs/2205.14135, FlashAttention-2
-https://arxiv.org/abs/2307.08691): forward keeps only the output and each row's log-sum-exp; backward recomputes each
-block's probabilities from them. Peak training memory then grows with chunk size × sequence length, not length².
+https://arxiv.org/abs/2307.08691): forward keeps only the output and each row's maximum and log-sum; backward
+recomputes each block's probabilities from them. Peak training memory then grows with chunk size × sequence length,
+not length².
 
 `attention` is the one entry point models call; it chooses between torch's fused `scaled_dot_product_attention`
 ("sdpa"), `chunked_attention` ("chunked") and the plain reference `naive_attention` ("naive") the tests compare against.
@@ -19,6 +20,11 @@ Conventions shared by all three (and by SDPA, so they agree):
     * mask: bool (True = attend) or additive float, broadcastable to (B, H, Tq, Tk). It gets no gradient in "chunked".
     * A query row whose keys are all masked gives zeros and zero gradients (FlashAttention's choice; SDPA in torch
       ≥ 2.5 gives zeros too), never NaN.
+    * A row whose keys are all masked by a large *finite* additive value (Hugging Face's torch.finfo(dtype).min) is
+      not empty: its scores are all equal, so it is the uniform average of v, with the matching nonzero gradients,
+      exactly as `naive_attention` in fp64 gives. Fused kernels that save one log-sum-exp m + log l lose log l at
+      m ≈ −3.4e38 (torch's CPU SDPA does; so did "chunked"), so "chunked" keeps m and log l apart and `sdpa_attention`
+      runs additive masks under SDPA's MATH backend; `attention(implementation="auto")` sends them to "chunked".
     * Softmax statistics are fp32 even for bf16/fp16 inputs; the scores q kᵀ are computed in the input dtype (as the
       fused kernels' matmuls do) and the probabilities are cast back to it for the product with v.
 """
@@ -32,13 +38,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from framework.errors import ConfigError
 
 IMPLEMENTATIONS = ("auto", "sdpa", "chunked", "naive")
 
 AUTO_MAX_SDPA_MASK_ELEMENTS = {"cpu": 2**22, "cuda": 2**28}
-"""Per device type: `auto` hands a case to SDPA unless SDPA would need a (…, Tq, Tk) mask with more elements than this.
+"""Per device type: `auto` hands a case to SDPA unless SDPA would need a (…, Tq, Tk) mask with more elements than this
+(or the mask is additive: see `choose_implementation`).
 
 Causal + padding is the common case: SDPA takes `is_causal` or a mask, not both, so the two become one (B, 1, Tq, Tk)
 mask, which the kernel also converts to the query's dtype, and with which it can no longer skip the blocks above the
@@ -96,7 +104,7 @@ def chunked_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         mask: bool (True = attend) or additive float, broadcastable to (B, H, Tq, Tk); sliced per block, never
             expanded. No gradient flows to it with `recompute=True` (one that requires grad is refused).
         q_chunk_size, k_chunk_size: rows and columns of one block. Memory of one block: B·H·q_chunk·k_chunk fp32.
-        recompute: True (use this): a custom autograd function keeps only the output and per-row log-sum-exp, and
+        recompute: True (use this): a custom autograd function keeps only the output and per-row max and log-sum, and
             backward recomputes each block, so training peak memory is O(T·chunk). False: the same loop under plain
             autograd (the usual tutorial version), which saves memory only in inference — autograd keeps every
             block's probabilities, about as much as naive attention (0.7-1.5× its peak in benchmarks/attention.py).
@@ -120,8 +128,14 @@ def chunked_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
 
 
 class _ChunkedAttention(torch.autograd.Function):
-    """Forward saves q, k, v, the output and each row's log-sum-exp; backward recomputes each block's probabilities
-    (FlashAttention-2's backward, Algorithm 2, one block of scores at a time).
+    """Forward saves q, k, v, the output and each row's softmax statistics; backward recomputes each block's
+    probabilities (FlashAttention-2's backward, Algorithm 2, one block of scores at a time).
+
+    The statistics are the row maximum m and log l, l = Σ exp(s − m), kept apart rather than as one log-sum-exp
+    m + log l: with an additive mask at torch.finfo(dtype).min (Hugging Face's), a row with every key masked has
+    m ≈ −3.4e38, where m + log l rounds to m in fp32, and backward's exp(s − lse) would be 1 instead of 1/Tk. So with an
+    additive mask backward subtracts m, then log l (one more elementwise pass over the block); without one, scores are
+    bounded by |q||k|/√D, and the single lse = m + log l (formed once per call) is as exact and one pass cheaper.
 
     Written for CPU speed, where an elementwise pass over a block costs a quarter to a third of the block's GEMM:
     q, k, v are (B·H, T, D) so every block product is one batched GEMM; the two block-sized tensors (scores, dS) are
@@ -137,13 +151,13 @@ class _ChunkedAttention(torch.autograd.Function):
         q3, k3, v3 = (t.reshape(B * H, t.shape[2], t.shape[3]).contiguous() for t in (q, k, v))
         scale = 1.0 / math.sqrt(D)
         out = q3.new_empty((B * H, Tq, Dv))
-        lse = q3.new_empty((B * H, Tq, 1), dtype=_stats_dtype(q))
+        row_max, log_sum = (q3.new_empty((B * H, Tq, 1), dtype=_stats_dtype(q)) for _ in range(2))
         scores = _block_buffer(q3, q_chunk, k_chunk, Tk)
         for i0 in range(0, Tq, q_chunk):
             i1 = min(i0 + q_chunk, Tq)
-            out[:, i0:i1], lse[:, i0:i1] = _forward_rows(q3[:, i0:i1] * scale, k3, v3, B, i0, causal, padding, mask,
-                                                         k_chunk, scores)
-        ctx.save_for_backward(q3, k3, v3, out, lse)
+            out[:, i0:i1], row_max[:, i0:i1], log_sum[:, i0:i1] = _forward_rows(
+                q3[:, i0:i1] * scale, k3, v3, B, i0, causal, padding, mask, k_chunk, scores)
+        ctx.save_for_backward(q3, k3, v3, out, row_max, log_sum)
         ctx.shape, ctx.causal, ctx.padding, ctx.mask = (B, H, Tq, Tk, D, Dv), causal, padding, mask
         ctx.q_chunk, ctx.k_chunk = q_chunk, k_chunk
         return out.view(B, H, Tq, Dv)
@@ -151,12 +165,16 @@ class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out):
-        q, k, v, out, lse = ctx.saved_tensors  # (B·H, T, ·)
+        q, k, v, out, row_max, log_sum = ctx.saved_tensors  # (B·H, T, ·)
         B, H, Tq, Tk, D, Dv = ctx.shape
         causal, padding, mask, k_chunk = ctx.causal, ctx.padding, ctx.mask, ctx.k_chunk
         scale = 1.0 / math.sqrt(D)
         stats = _stats_dtype(q)
         d_out = d_out.reshape(B * H, Tq, Dv).contiguous()
+        additive = mask is not None and mask.dtype != torch.bool
+        # Without an additive mask one subtraction of lse = m + log l per block (see the class docstring). An empty row
+        # has m = 0, log l = +inf: exp(s − ·) is 0 there either way.
+        shift, shift2 = (row_max, log_sum) if additive else (row_max + log_sum, None)
         # D_i = Σ_j P_ij dP_ij = rowsum(dO ∘ O): the softmax backward's row term, without any P.
         delta = (d_out.to(stats) * out.to(stats)).sum(-1, keepdim=True)  # (B·H, Tq, 1)
         # One contiguous accumulator per chunk, joined at the end (see `_accumulate_`).
@@ -168,15 +186,18 @@ class _ChunkedAttention(torch.autograd.Function):
         for i0 in range(0, Tq, ctx.q_chunk):
             i1 = min(i0 + ctx.q_chunk, Tq)
             qi, doi = q[:, i0:i1] * scale, d_out[:, i0:i1]
-            lse_i, delta_i = lse[:, i0:i1], delta[:, i0:i1]
+            shift_i, delta_i = shift[:, i0:i1], delta[:, i0:i1]
+            shift2_i = None if shift2 is None else shift2[:, i0:i1]
             dqi = q.new_zeros((B * H, i1 - i0, D), dtype=stats)
             for j, j0 in enumerate(range(0, _keys_needed(causal, i1, Tk), k_chunk)):
                 j1 = min(j0 + k_chunk, Tk)
                 kj, vj = k[:, j0:j1], v[:, j0:j1]
                 # (baddbmm could add −lse inside the GEMM, but expanding a (rows, 1) column over the block first is
-                # a slow, unvectorised copy on CPU: a separate subtraction is 4× faster.)
-                p = _product(qi, kj.transpose(1, 2), p_buffer).sub_(lse_i)
-                p = _mask_block_(p, B, i0, j0, causal, padding, mask).exp_()  # the probabilities forward had
+                # a slow, unvectorised copy on CPU: a separate subtraction is 4× faster.) Masks first, as in forward:
+                # an additive mask must be added before m is taken away.
+                p = _mask_block_(_product(qi, kj.transpose(1, 2), p_buffer), B, i0, j0, causal, padding, mask)
+                p = p.sub_(shift_i) if shift2_i is None else p.sub_(shift_i).sub_(shift2_i)
+                p = p.exp_()  # the probabilities forward had
                 _accumulate_(dv[j], p.to(q.dtype).transpose(1, 2), doi)
                 ds = _product(doi, vj.transpose(1, 2), ds_buffer).sub_(delta_i).mul_(p)  # dS = P ∘ (dP − D)
                 ds = ds.to(q.dtype)  # (a no-op for fp32; bf16 GEMMs take bf16 operands, as in FlashAttention)
@@ -189,11 +210,12 @@ class _ChunkedAttention(torch.autograd.Function):
 
 
 def _forward_rows(qi: Tensor, k: Tensor, v: Tensor, B: int, i0: int, causal: bool, padding: Tensor | None,
-                  mask: Tensor | None, k_chunk: int, scores: Tensor) -> tuple[Tensor, Tensor]:
+                  mask: Tensor | None, k_chunk: int, scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """One query chunk (B·H, rows, D), already scaled, against all keys (B·H, Tk, ·), in place (autograd is off) and
     in the flat block buffer `scores`.
-    Returns the output rows in v's dtype and their log-sum-exp (B·H, rows, 1) in the statistics dtype: +inf for a row
-    with no key, so backward's exp(s − lse) is 0 there."""
+    Returns the output rows in v's dtype, and their maximum score m and log l = log Σ exp(s − m), (B·H, rows, 1) each
+    in the statistics dtype, kept apart (see `_ChunkedAttention`). A row with no key has m = 0 and log l = +inf, so
+    backward's exp(s − m − log l) is 0 there."""
     BH, rows, _ = qi.shape
     Tk = k.shape[1]
     stats = _stats_dtype(qi)
@@ -213,8 +235,8 @@ def _forward_rows(qi: Tensor, k: Tensor, v: Tensor, B: int, i0: int, causal: boo
         row_max = new_max
     empty = row_sum == 0
     out = acc.div_(row_sum.masked_fill(empty, 1.0))  # an empty row's acc is 0: its output stays 0
-    lse = (row_max + row_sum.log()).masked_fill_(empty, float("inf"))
-    return out.to(v.dtype), lse
+    log_sum = row_sum.log_().masked_fill_(empty, float("inf"))  # an empty row: log 0 = −inf → +inf
+    return out.to(v.dtype), row_max.masked_fill_(empty, 0.0), log_sum
 
 
 def _chunked_autograd(q: Tensor, k: Tensor, v: Tensor, causal: bool, padding: Tensor | None, mask: Tensor | None,
@@ -295,11 +317,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
         causal: query i attends keys j ≤ i (top-left aligned, as SDPA's `is_causal`).
         key_padding_mask: (B, Tk) bool, True = a real token, False = padding.
         mask: bool (True = attend) or additive float, broadcastable to (B, H, Tq, Tk).
-        implementation: "sdpa" (torch's fused kernels: fastest, O(T) memory unless a (Tq, Tk) mask is needed),
-            "chunked" (`chunked_attention` with recompute: O(T·chunk_size) memory whatever the masks), "naive" (the
-            reference: O(T²) memory), or "auto": "sdpa", except "chunked" where SDPA would need a mask of more than
-            `AUTO_MAX_SDPA_MASK_ELEMENTS` elements (see `choose_implementation`). Ask for "chunked" to bound memory
-            whatever the masks.
+        implementation: "sdpa" (torch's fused kernels: fastest, O(T) memory unless a (Tq, Tk) mask is needed; an
+            additive mask runs under SDPA's O(T²) MATH backend, see `sdpa_attention`), "chunked" (`chunked_attention`
+            with recompute: O(T·chunk_size) memory whatever the masks), "naive" (the reference: O(T²) memory), or
+            "auto": "sdpa", except "chunked" where SDPA would need a mask of more than `AUTO_MAX_SDPA_MASK_ELEMENTS`
+            elements or is given an additive mask that does not require grad (see `choose_implementation`). Ask for
+            "chunked" to bound memory whatever the masks.
         chunk_size: the query and key chunk size of "chunked".
 
     Returns:
@@ -330,11 +353,17 @@ def choose_implementation(q: Tensor, k: Tensor, *, causal: bool = False, key_pad
     look at the masks' values, no device synchronisation.
 
     No mask, causal alone (`is_causal`) and padding alone (a (B, 1, 1, Tk) view) reach SDPA without any (Tq, Tk)
-    tensor, so they always go to SDPA. Causal + padding, or an explicit (…, Tq, Tk) mask, do not. An additive mask that
-    requires grad always goes to SDPA, which differentiates it.
+    tensor, so they always go to SDPA. Causal + padding, or an explicit (…, Tq, Tk) bool mask, do not.
+
+    An additive (float) mask never goes to SDPA's fused kernels: with Hugging Face's masks (torch.finfo(dtype).min where
+    masked) a row with every key masked has a row maximum ≈ −3.4e38, at which the kernels' saved log-sum-exp loses
+    log(Tk), and that row's dq/dk/dv come out up to Tk times too large (seen in torch's CPU kernel; the forward is
+    right). So an additive mask goes to "chunked", which keeps the maximum and the sum apart, unless it requires grad:
+    then to "sdpa", which runs additive masks under SDPA's MATH backend (softmax differentiated explicitly: exact, and
+    it gives the mask its gradient, which "chunked" does not).
     """
-    if mask is not None and mask.requires_grad:
-        return "sdpa"  # a learned additive mask: only autograd through SDPA (or naive) gives it a gradient
+    if mask is not None and mask.dtype != torch.bool:
+        return "sdpa" if mask.requires_grad else "chunked"
     limit = AUTO_MAX_SDPA_MASK_ELEMENTS.get(q.device.type, AUTO_MAX_SDPA_MASK_ELEMENTS["cpu"])
     return "chunked" if _sdpa_mask_elements(q, k, causal, key_padding_mask, mask) > limit else "sdpa"
 
@@ -345,16 +374,25 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key
 
     SDPA takes either `is_causal` or one `attn_mask`, so causal + any mask becomes a single boolean (or additive) mask
     of shape (B | 1, H | 1, Tq, Tk); padding alone stays a (B, 1, 1, Tk) view. Fully masked rows: zeros in torch ≥ 2.5.
+
+    An additive (float) mask runs under the MATH backend only (`sdpa_kernel(SDPBackend.MATH)`): the fused kernels
+    save a log-sum-exp m + log l that rounds to m for a row masked everywhere by torch.finfo(dtype).min (Hugging
+    Face's masks), so their gradients for such rows are up to Tk times too large; MATH forms the softmax and
+    differentiates it explicitly, as `naive_attention` does (O(Tq·Tk) memory: `attention(implementation="auto")` sends
+    such masks to "chunked" instead unless they require grad). A finite mask value below q's dtype's range (fp32's
+    finfo.min with bf16 q) becomes that dtype's finfo.min, not −inf, so the row stays a finite, not an empty, row.
     """
     _check_inputs(q, k, v, key_padding_mask)
     if key_padding_mask is None and mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     allowed = _full_bool_mask(q, k, causal, key_padding_mask, mask)
-    if mask is not None and mask.dtype != torch.bool:
-        attn_mask = mask.to(q.dtype) if allowed is None else mask.to(q.dtype).masked_fill(~allowed, float("-inf"))
-    else:
-        attn_mask = allowed
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    if mask is None or mask.dtype == torch.bool:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    attn_mask = _additive_mask_as(mask, q.dtype)
+    if allowed is not None:
+        attn_mask = attn_mask.masked_fill(~allowed, float("-inf"))
+    with sdpa_kernel(SDPBackend.MATH):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------------
@@ -393,6 +431,16 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | No
                                          or tuple(key_padding_mask.shape) != (k.shape[0], k.shape[2])):
         raise ValueError(f"attention: key_padding_mask must be bool (B, Tk) = {(k.shape[0], k.shape[2])}, got "
                          f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}.")
+
+
+def _additive_mask_as(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """An additive mask in `dtype`, finite values saturating at its range instead of overflowing to ±inf (fp32's
+    finfo.min is −inf in bf16: a row masked with it would turn from uniform into empty). Differentiable."""
+    converted = mask.to(dtype)
+    if not mask.is_floating_point() or torch.finfo(dtype).max >= torch.finfo(mask.dtype).max:
+        return converted
+    return torch.where(mask.isfinite(), mask.clamp(torch.finfo(dtype).min, torch.finfo(dtype).max).to(dtype),
+                       converted)
 
 
 def _as_4d(mask: Tensor | None) -> Tensor | None:
