@@ -76,7 +76,7 @@ def run_plain(epochs: int | None) -> dict[str, float]:
         torch.manual_seed(config.seed)
         data = image_data(config.data, seed=config.seed)
         model = ResNet(replace(config.model, in_channels=data.channels, num_classes=data.num_classes))
-        optimizer = config.optimizer.build(model.parameters())
+        optimizer = config.optimizer.build(model)
         accelerator = Accelerator(cpu=True)
         model, optimizer, train, val, test = accelerator.prepare(
             model, optimizer, data.loaders["train"], data.loaders["validation"], data.loaders["test"])

@@ -74,6 +74,12 @@ class TrainerConfig:
     """Debug: train on the first N batches only (same ones every epoch) and report whether the loss nears zero."""
     detect_anomaly: bool = False
     """Debug: torch.autograd's anomaly detection (names the forward op whose backward made a NaN; slow)."""
+    deterministic: bool = False
+    """Deterministic kernels only (torch.use_deterministic_algorithms, cuDNN deterministic, CUBLAS_WORKSPACE_CONFIG):
+    the same run twice gives bitwise-equal weights, at some speed. Off: cuDNN autotunes its kernels on CUDA."""
+    channels_last: bool = False
+    """Convolutional models: weights and 4-D image batches in channels-last memory format (faster convolutions on
+    GPUs with tensor cores; same results within float tolerance)."""
     techniques: dict[str, Optional[dict[str, Any]]] = field(default_factory=dict)
     """Techniques by registered name with their arguments, in hook order. `--techniques.NAME null` removes one."""
 
@@ -113,6 +119,10 @@ def parse_config(config_class: type[C], args: Sequence[str] | None = None) -> C:
     print_config = "--print_config" in args  # handled here, so that it shows the technique overrides too
     args = [arg for arg in args if arg != "--print_config"]
     technique_overrides, args = _split_technique_overrides(args, parser)
+    for path in _config_files(args):  # YAML itself keeps the last of two equal keys without a word
+        problem = duplicate_key(path)
+        if problem:
+            parser.error(f"{path}: {problem}")
     try:
         namespace = parser.parse_args(args)
     except ValueError as error:  # the few errors jsonargparse lets through, e.g. a value holding a NUL byte
@@ -133,6 +143,46 @@ def parse_config(config_class: type[C], args: Sequence[str] | None = None) -> C:
     except ConfigError as error:
         parser.error(str(error))
     return config
+
+
+def _config_files(args: Sequence[str]) -> list[str]:
+    """The files named by `--config PATH` and `--config=PATH`, in order."""
+    files = []
+    for index, arg in enumerate(args):
+        if arg == "--config" and index + 1 < len(args):
+            files.append(args[index + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.partition("=")[2])
+    return files
+
+
+def duplicate_key(path: str) -> str | None:
+    """The first key given twice in one mapping of the YAML file at `path`, as one sentence naming its dotted path
+    (None when there is none, or when the file cannot be read: the parser reports that)."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            root = yaml.compose(file, Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    pending = [(root, "")]
+    while pending:
+        node, where = pending.pop(0)
+        if isinstance(node, yaml.SequenceNode):
+            pending += [(item, f"{where}[{index}]") for index, item in enumerate(node.value)]
+        if not isinstance(node, yaml.MappingNode):
+            continue
+        seen = set()
+        for key, value in node.value:
+            if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                continue
+            dotted = f"{where}.{key.value}" if where else key.value
+            if (key.tag, key.value) in seen:
+                if where == "techniques":
+                    return f"{dotted} is listed twice; list each technique once."
+                return f"{dotted} is given twice; give each key once."
+            seen.add((key.tag, key.value))
+            pending.append((value, dotted))
+    return None
 
 
 def _split_technique_overrides(args: list[str], parser: Any) -> tuple[list[tuple[str, str, Any]], list[str]]:

@@ -1,4 +1,9 @@
-"""The optimizer section every recipe shares: AdamW or SGD with Nesterov momentum."""
+"""The optimizer section every recipe shares: AdamW or SGD with Nesterov momentum.
+
+`build(model)` splits the parameters into two groups: weight decay for weights with 2 or more dimensions, none for
+1-D parameters (norm scales and shifts, biases) and, optionally, embeddings; as timm's `param_groups_weight_decay`
+and the HF Trainer do. Decaying a norm's scale or a bias only pulls it towards 0 (a norm's scale should stay near 1).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,33 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from torch import nn
 
 from framework.errors import ConfigError
+
+
+def weight_decay_groups(parameters: nn.Module | Iterable[torch.Tensor], weight_decay: float,
+                        no_decay_norm_and_bias: bool = True, no_decay_embeddings: bool = False) -> list[dict[str, Any]]:
+    """Optimizer parameter groups: `weight_decay` for the parameters that decay, 0 for the rest (empty groups left
+    out). `parameters` is the model (needed for `no_decay_embeddings`) or its parameters."""
+    if isinstance(parameters, nn.Module):
+        embeddings = {id(m.weight) for m in parameters.modules() if isinstance(m, nn.Embedding)}
+        parameters = parameters.parameters()
+    elif no_decay_embeddings:
+        raise ConfigError("optimizer.no_decay_embeddings needs the model to find its embeddings: call "
+                          "OptimizerConfig.build(model), not build(model.parameters()).")
+    else:
+        embeddings = set()
+    decay, no_decay, seen = [], [], set()
+    for parameter in parameters:
+        if id(parameter) in seen:  # tied weights appear once
+            continue
+        seen.add(id(parameter))
+        undecayed = weight_decay > 0 and (  # with no weight decay at all, one group in the model's order
+            (no_decay_norm_and_bias and parameter.ndim <= 1) or (no_decay_embeddings and id(parameter) in embeddings))
+        (no_decay if undecayed else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
 
 
 @dataclass
@@ -17,6 +47,12 @@ class OptimizerConfig:
     lr: float = 0.01
     """Peak learning rate."""
     weight_decay: float = 0.05
+    """Weight decay of weights with 2 or more dimensions (see no_decay_norm_and_bias, no_decay_embeddings)."""
+    no_decay_norm_and_bias: bool = True
+    """No weight decay on 1-D parameters: norm scales and shifts, biases (as timm and the HF Trainer); false: decay
+    every parameter."""
+    no_decay_embeddings: bool = False
+    """No weight decay on nn.Embedding weights either."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW's betas."""
     momentum: float = 0.9
@@ -34,8 +70,10 @@ class OptimizerConfig:
         if not self.momentum >= 0:
             raise ConfigError(f"optimizer.momentum must be 0 or more, got {self.momentum}.")
 
-    def build(self, parameters: Iterable[Any]) -> torch.optim.Optimizer:
+    def build(self, model: nn.Module | Iterable[torch.Tensor]) -> torch.optim.Optimizer:
+        """The optimizer for `model` (or its parameters), its parameters grouped by weight decay."""
+        groups = weight_decay_groups(model, self.weight_decay, self.no_decay_norm_and_bias, self.no_decay_embeddings)
         if self.name == "sgd":
-            return torch.optim.SGD(parameters, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+            return torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
                                    nesterov=self.momentum > 0)
-        return torch.optim.AdamW(parameters, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
+        return torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)

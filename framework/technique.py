@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -77,11 +78,14 @@ class Technique:
     Class attributes:
         name: the registered name used in configs (set by `@register`).
         owns_optimizer_step: True for the one technique that replaces `optimizer.step()` (e.g. SAM).
+        sets_learning_rate: True for a technique that sets the optimizer's LR as training goes (an LR schedule);
+            only one may, since two would multiply each other's LR.
         example_args: arguments of a typical instance, when some are required.
     """
 
     name: ClassVar[str] = ""
     owns_optimizer_step: ClassVar[bool] = False
+    sets_learning_rate: ClassVar[bool] = False
     #: Arguments for a typical instance, for techniques that have required ones (used by docs and the table).
     example_args: ClassVar[dict[str, Any]] = {}
 
@@ -108,6 +112,12 @@ class Technique:
     def eval_start(self, state: TrainState) -> None: ...
     def eval_end(self, state: TrainState) -> None: ...
     def fit_end(self, state: TrainState) -> None: ...
+
+    def test_weights(self, state: TrainState) -> Mapping[str, AbstractContextManager]:
+        """Other weights the test split is also evaluated on at the end, by metric prefix (e.g. "test_best"): each a
+        context manager that swaps them into the model and back. They are the weights an evaluation already ran on,
+        so the eval hooks (EMA's swap) are not called around them. Every rank must return the same prefixes."""
+        return {}
 
     def deepspeed_config(self) -> dict[str, Any]:
         """Entries this technique sets in a DeepSpeed config, whose engine owns clipping and the optimizer step."""
@@ -159,6 +169,12 @@ def check_techniques(techniques: Sequence[Technique], backend: Backend) -> None:
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
         raise IncompatibleError(f"technique(s) {duplicated} are listed twice; list each technique once.")
+    lr_setters = [n for t, n in zip(techniques, names) if t.sets_learning_rate]
+    if len(lr_setters) > 1:
+        raise IncompatibleError(
+            f"techniques {lr_setters} each set the learning rate, and together they would multiply each other's LR; "
+            "keep one LR schedule (each takes warmup_steps / warmup_epochs for a warmup)."
+        )
     for technique in techniques:
         others = [t for t in techniques if t is not technique]
         technique.check(backend, others)

@@ -33,7 +33,7 @@ def main(args: list[str] | None = None) -> Trainer:
     data = image_data(config.data, seed=config.seed)
     # Channels and classes come from the data, so the same recipe serves the digits, CIFAR-10 or your folder.
     model = ResNet(replace(config.model, in_channels=data.channels, num_classes=data.num_classes))
-    trainer = Trainer(config, model, config.optimizer.build(model.parameters()), ClassificationTask(data.num_classes),
+    trainer = Trainer(config, model, config.optimizer.build(model), ClassificationTask(data.num_classes),
                       data.loaders["train"], data.loaders["validation"], data.loaders["test"],
                       pictures={"augmentations": data.draw_augmentations} if config.data.augment else None)
     trainer.fit()

@@ -38,7 +38,7 @@ def main(args: list[str] | None = None) -> Trainer:
     data = text_data(config.data, seed=config.seed)
     # The model covers exactly the context the data gives it.
     model = GPT(replace(config.model, vocab_size=256, context_length=config.data.context_length))
-    trainer = Trainer(config, model, config.optimizer.build(model.parameters()), LanguageModelTask(token_name="byte"),
+    trainer = Trainer(config, model, config.optimizer.build(model), LanguageModelTask(token_name="byte"),
                       data.loaders["train"], data.loaders["validation"], data.loaders["test"])
     trainer.state.summary["unigram_bits_per_byte"] = data.unigram_bits_per_byte()
     results = trainer.fit()

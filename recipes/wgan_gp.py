@@ -50,7 +50,7 @@ def main(args: list[str] | None = None) -> Trainer:
         batches = list(data.loaders["train"])
         judge = classifier_judge(np.concatenate([b["pixel_values"].numpy() for b in batches]),
                                  np.concatenate([b["label"].numpy() for b in batches]), classes=data.num_classes)
-    trainer = Trainer(config, gan, config.optimizer.build(gan.parameters()), WGANTask(config.n_critic, judge=judge),
+    trainer = Trainer(config, gan, config.optimizer.build(gan), WGANTask(config.n_critic, judge=judge),
                       data.loaders["train"])
     trainer.fit()
     return trainer

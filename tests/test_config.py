@@ -78,3 +78,20 @@ def test_recipe_exits_nonzero_naming_the_key():
                     "--tracker", "none", timeout=120)
     assert result.returncode != 0
     assert "learning_rate" in result.stderr
+
+
+def test_a_technique_listed_twice_in_a_yaml_file_is_refused(capsys, tmp_path):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("techniques:\n  ema: {decay: 0.9}\n  cosine_lr: {}\n  ema:\n    decay: 0.99\n")
+    for args in (["--config", str(twice)], [f"--config={twice}"]):
+        error = parse_error(capsys, *args)
+        assert f"error: {twice}: techniques.ema is listed twice; list each technique once." in error
+        assert "Traceback" not in error and error.strip().splitlines()[-1].startswith("error: ")  # the usage, then it
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("optimizer:\n  lr: 0.1\n  weight_decay: 0.0\n  lr: 0.2\n")
+    assert f"{nested}: optimizer.lr is given twice; give each key once." in parse_error(capsys, "--config",
+                                                                                           str(nested))
+    top = tmp_path / "top.yaml"
+    top.write_text("epochs: 2\nseed: 1\nepochs: 3\n")
+    assert f"{top}: epochs is given twice" in parse_error(capsys, "--config", str(top))
+    assert parse_config(recipe_config_class(), ["--config", YAML]).techniques  # a clean file still parses

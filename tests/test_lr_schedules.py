@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.optim import lr_scheduler
 
-from framework.errors import ConfigError
+from framework.errors import ConfigError, IncompatibleError
 from framework.techniques import (
     CosineLR,
     CosineRestartsLR,
@@ -171,3 +171,80 @@ def test_lr_schedules_recipe_draws_every_schedule(tmp_path):
                    check=True, cwd=ROOT, capture_output=True)
     width, height = Image.open(output).size
     assert width > 1500 and height > 600  # 4 × 2 panels: the seven schedules, each with and without warmup
+
+
+def test_two_lr_schedules_are_refused_before_training():
+    from framework.technique import Backend, Technique, check_techniques
+
+    with pytest.raises(IncompatibleError, match=r"\['cosine_lr', 'step_lr'\] each set the learning rate.*keep one"):
+        check_techniques([CosineLR(), StepLR(step_size_steps=5)], Backend())
+    check_techniques([CosineLR()], Backend())  # one is fine
+
+    class OwnSchedule(Technique):  # a declared capability, not a type: any technique that sets the LR counts
+        name = "own_schedule"
+        sets_learning_rate = True
+
+    with pytest.raises(IncompatibleError, match=r"\['own_schedule', 'plateau_lr'\] each set the learning rate"):
+        check_techniques([OwnSchedule(), PlateauLR()], Backend())
+
+
+def test_a_trainer_with_two_schedules_is_refused(tmp_path):
+    from test_loop import make_trainer
+
+    with pytest.raises(IncompatibleError, match="keep one"):
+        make_trainer(tmp_path, [CosineLR(), StepLR(step_size_steps=2)])
+
+
+def layerwise_run(schedule, metric=lambda epoch: 1.0, steps_per_epoch=10, max_steps=60):
+    """Every parameter group's LR at every step of a run whose groups layerwise_lr made (scales 0.25, 0.5, 1), and
+    each group's lr_scale."""
+    from pathlib import Path
+
+    from framework.optim import OptimizerConfig
+    from framework.state import TrainState
+    from framework.techniques import LayerwiseLR
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    optimizer = OptimizerConfig(name="sgd", lr=0.01).build(model)
+    state = TrainState(None, model, optimizer, Path("."), steps_per_epoch=steps_per_epoch, max_steps=max_steps,
+                       validates=True)
+    LayerwiseLR(lr_multipliers={"0.*": 0.25, "1.*": 0.5}).before_prepare(state)
+    schedule.fit_start(state)
+    lrs = []
+    for step in range(1, max_steps + 1):
+        lrs.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+        state.step = step
+        schedule.after_optimizer_step(state)
+        if step % steps_per_epoch == 0:
+            state.epoch += 1
+            state.eval_metrics, state.eval_step = {"val/loss": metric(state.epoch)}, step
+            schedule.epoch_end(state)
+    return lrs, [group["lr_scale"] for group in optimizer.param_groups]
+
+
+@pytest.mark.parametrize("schedule", [
+    CosineLR(eta_min=0.004, warmup_steps=5),
+    CosineLR(eta_min=0.004, period_steps=20),
+    CosineRestartsLR(cycle_steps=7, cycle_mult=2, eta_min=0.004, warmup_steps=5),
+    PlateauLR(factor=0.5, patience=0, min_lr=0.004, warmup_steps=5),
+], ids=["cosine", "cosine_period", "cosine_restarts", "plateau"])
+def test_layerwise_ratios_hold_at_every_step_down_to_the_floor(schedule):
+    lrs, scales = layerwise_run(schedule)
+    assert sorted(set(scales)) == [0.25, 0.5, 1.0]
+    top = scales.index(1.0)
+    for step, group_lrs in enumerate(lrs):
+        for lr, scale in zip(group_lrs, scales):
+            assert lr / group_lrs[top] == pytest.approx(scale, rel=1e-9), (step, group_lrs)
+    # eta_min / min_lr is the floor of the base group (scale 1), reached and never crossed after the warmup; the
+    # other groups' floors keep their ratios (before the fix every group stopped at 0.004: the stem's LR rose)
+    after_warmup = lrs[5:]
+    for scale, floor in ((1.0, 0.004), (0.5, 0.002), (0.25, 0.001)):
+        lowest = min(row[scales.index(scale)] for row in after_warmup)
+        assert floor * (1 - 1e-9) <= lowest <= floor * 1.01, (scale, lowest)
+
+
+def test_schedule_lrs_previews_a_scaled_group_with_its_own_floor():
+    lrs = schedule_lrs(CosineLR(eta_min=0.004), STEPS_PER_EPOCH, TOTAL, base_lr=0.0025, lr_scale=0.25)
+    assert lrs[0] == pytest.approx(0.0025) and lrs[-1] == pytest.approx(0.001, rel=1e-2)
+    assert min(lrs) >= 0.001 - 1e-12

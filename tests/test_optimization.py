@@ -165,9 +165,11 @@ def test_layerwise_lr_groups_carry_the_expected_lrs_and_weight_decays(tmp_path):
     from framework.state import TrainState
     from framework.techniques import LayerwiseLR
 
+    from framework.optim import OptimizerConfig
+
     model = ResNet(ResNetConfig())  # stem, blocks.0-2, head: depths 0-4
-    for optimizer in (torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.05),
-                      torch.optim.SGD(model.parameters(), lr=0.01, weight_decay=0.05, momentum=0.9)):
+    for optimizer in (OptimizerConfig(name="adamw", lr=0.01, weight_decay=0.05).build(model),
+                      OptimizerConfig(name="sgd", lr=0.01, weight_decay=0.05, momentum=0.9).build(model)):
         state = TrainState(None, model, optimizer, tmp_path)
         LayerwiseLR(lr_multipliers={"head.*": 10.0}, layer_decay=0.5).before_prepare(state)
         assert type(state.optimizer) is type(optimizer)
@@ -198,3 +200,75 @@ def test_schedules_scale_every_group_consistently(tmp_path):
         model_lrs.append(group["lr"] / group["initial_lr"])
     assert model_lrs[0] == pytest.approx(model_lrs[1])
     assert {round(g["initial_lr"], 6) for g in groups} == {0.1, 0.01}
+
+
+def test_optimizer_config_leaves_norms_and_biases_undecayed_by_default():
+    from framework.models.resnet import ResNet, ResNetConfig
+    from framework.optim import OptimizerConfig
+
+    model = ResNet(ResNetConfig())  # convolutions, BatchNorms, a linear head with a bias
+    for name in ("adamw", "sgd"):
+        optimizer = OptimizerConfig(name=name, weight_decay=0.05).build(model)
+        decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+        assert len(decay_of) == len(list(model.parameters()))  # every parameter, once
+        for parameter_name, parameter in model.named_parameters():
+            assert decay_of[id(parameter)] == (0.0 if parameter.ndim <= 1 else 0.05), parameter_name
+        everything = OptimizerConfig(name=name, weight_decay=0.05, no_decay_norm_and_bias=False).build(model)
+        assert [g["weight_decay"] for g in everything.param_groups] == [0.05]
+        assert len(everything.param_groups[0]["params"]) == len(list(model.parameters()))
+    plain = OptimizerConfig(weight_decay=0.05).build(model.parameters())  # bare parameters: split by ndim alike
+    assert {id(p): g["weight_decay"] for g in plain.param_groups for p in g["params"]} == decay_of
+
+
+def test_optimizer_config_can_leave_embeddings_undecayed():
+    from framework.optim import OptimizerConfig
+
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4))
+    decay_of = lambda optimizer: {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    embedding, linear = model[0].weight, model[1].weight
+    default = decay_of(OptimizerConfig(weight_decay=0.1).build(model))
+    assert default[id(embedding)] == 0.1 and default[id(linear)] == 0.1 and default[id(model[1].bias)] == 0.0
+    no_embeddings = decay_of(OptimizerConfig(weight_decay=0.1, no_decay_embeddings=True).build(model))
+    assert no_embeddings[id(embedding)] == 0.0 and no_embeddings[id(linear)] == 0.1
+    with pytest.raises(ConfigError, match="no_decay_embeddings needs the model"):
+        OptimizerConfig(no_decay_embeddings=True).build(model.parameters())
+
+
+def test_adamw_step_on_an_undecayed_bias_is_plain_adam():
+    from framework.optim import OptimizerConfig
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    weight, bias = model.weight.detach().clone(), model.bias.detach().clone()
+    optimizer = OptimizerConfig(lr=0.1, weight_decay=0.5).build(model)
+    reference_bias, reference_weight = torch.nn.Parameter(bias.clone()), torch.nn.Parameter(weight.clone())
+    adam = torch.optim.Adam([reference_bias], lr=0.1)
+    adamw = torch.optim.AdamW([reference_weight], lr=0.1, weight_decay=0.5)
+    for _ in range(3):
+        grads = torch.randn(2, 3), torch.randn(2)
+        model.weight.grad, model.bias.grad = grads[0].clone(), grads[1].clone()
+        reference_weight.grad, reference_bias.grad = grads[0].clone(), grads[1].clone()
+        for o in (optimizer, adam, adamw):
+            o.step()
+    assert torch.equal(model.bias, reference_bias) and torch.equal(model.weight, reference_weight)
+
+
+def test_layerwise_lr_keeps_the_optimizer_configs_weight_decays(tmp_path):
+    from framework.models.resnet import ResNet, ResNetConfig
+    from framework.optim import OptimizerConfig
+    from framework.state import TrainState
+    from framework.techniques import LayerwiseLR
+
+    model = ResNet(ResNetConfig())
+    for no_decay, norm_decay in ((True, 0.0), (False, 0.05)):
+        optimizer = OptimizerConfig(lr=0.01, weight_decay=0.05, no_decay_norm_and_bias=no_decay).build(model)
+        state = TrainState(None, model, optimizer, tmp_path)
+        LayerwiseLR(layer_decay=0.5).before_prepare(state)
+        decay_of = {n: g["weight_decay"] for g in optimizer.param_groups for n in g["names"]}
+        assert decay_of["stem.1.weight"] == norm_decay and decay_of["head.2.bias"] == norm_decay
+        assert decay_of["stem.0.weight"] == 0.05 and decay_of["head.2.weight"] == 0.05
+        assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+    mixed = torch.optim.SGD([{"params": model.stem.parameters(), "lr": 0.1}, {"params": model.head.parameters()}],
+                            lr=0.01)
+    with pytest.raises(ConfigError, match="layerwise_lr sets the groups' LRs itself"):
+        LayerwiseLR(layer_decay=0.5).before_prepare(TrainState(None, model, mixed, tmp_path))

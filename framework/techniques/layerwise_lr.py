@@ -1,14 +1,16 @@
 """Discriminative / layer-wise learning rates (ULMFiT, https://arxiv.org/abs/1801.06146; layer decay as in BEiT and
-timm, https://arxiv.org/abs/2106.08254), and no weight decay on norms and biases.
+timm, https://arxiv.org/abs/2106.08254).
 
-Hook: `before_prepare` (regroups the optimizer's parameters before accelerate wraps it). Every schedule then
-scales each group from its own LR, so the ratios hold throughout training.
+Hook: `before_prepare` (regroups the optimizer's parameters before accelerate wraps it). Each parameter keeps the
+weight decay its optimizer group gave it (`OptimizerConfig` leaves norms and biases undecayed by default). Every
+schedule then scales each group from its own LR, and a schedule's floor (`eta_min`, `min_lr`) from the group's
+`lr_scale`, so the ratios hold throughout training, down to the floor.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -51,19 +53,21 @@ def parameter_depths(model: nn.Module, blocks: str | None = None) -> tuple[dict[
     return depths, count + 2
 
 
-def parameter_groups(model: nn.Module, lr: float, weight_decay: float, lr_multipliers: Mapping[str, float] = {},
-                     layer_decay: float | None = None, no_decay_on_norm_and_bias: bool = True,
+def parameter_groups(model: nn.Module, lr: float, weight_decay: float | Callable[[torch.Tensor], float],
+                     lr_multipliers: Mapping[str, float] = {}, layer_decay: float | None = None,
                      blocks: str | None = None) -> list[dict]:
     """Optimizer parameter groups: LR = lr × layer_decay^(distance from the top) × the first matching pattern's
-    multiplier (fnmatch on parameter names, e.g. "head.*"); weight decay 0 for 1-D parameters (biases, norms)."""
+    multiplier (fnmatch on parameter names, e.g. "head.*"), stored as `lr_scale` too; `weight_decay` for every
+    parameter, or a function giving each parameter's."""
     depths, count = parameter_depths(model, blocks)
+    decay_of = weight_decay if callable(weight_decay) else lambda parameter: weight_decay
     groups: dict[tuple[float, float], dict] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
         scale = layer_decay ** (count - 1 - depths[name]) if layer_decay is not None else 1.0
         scale *= next((m for pattern, m in lr_multipliers.items() if fnmatch.fnmatch(name, pattern)), 1.0)
-        decay = 0.0 if no_decay_on_norm_and_bias and parameter.ndim <= 1 else weight_decay
+        decay = decay_of(parameter)
         group = groups.setdefault((scale, decay), {"params": [], "names": [], "lr": lr * scale, "lr_scale": scale,
                                                    "weight_decay": decay})
         group["params"].append(parameter)
@@ -73,31 +77,35 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float, lr_multip
 
 @register("layerwise_lr")
 class LayerwiseLR(Technique):
-    """Give parameter groups their own LRs (name patterns, layer decay) and no weight decay on norms and biases.
+    """Give parameter groups their own LRs (name patterns, layer decay); each parameter keeps its weight decay.
+
+    The optimizer's groups must share one LR (the base LR); their weight decays (OptimizerConfig's no-decay split
+    of norms and biases) carry over to the new groups.
 
     Args:
         lr_multipliers: {fnmatch pattern: LR multiplier}, first match wins, e.g. {"head.*": 10.0}.
         layer_decay: each block below the top trains with this factor less LR (e.g. 0.75); null: no decay.
-        no_decay_on_norm_and_bias: weight decay 0 for 1-D parameters.
         blocks: the attribute path of the model's block sequence (default: found automatically).
     """
 
     example_args = {"layer_decay": 0.75}
 
     def __init__(self, lr_multipliers: dict[str, float] | None = None, layer_decay: float | None = None,
-                 no_decay_on_norm_and_bias: bool = True, blocks: str | None = None):
+                 blocks: str | None = None):
         if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
             raise ConfigError(f"layerwise_lr.layer_decay must be within (0, 1], got {layer_decay}.")
-        self.lr_multipliers, self.layer_decay = dict(lr_multipliers or {}), layer_decay
-        self.no_decay_on_norm_and_bias, self.blocks = no_decay_on_norm_and_bias, blocks
+        self.lr_multipliers, self.layer_decay, self.blocks = dict(lr_multipliers or {}), layer_decay, blocks
 
     def before_prepare(self, state: TrainState) -> None:
         optimizer = state.optimizer
-        if len(optimizer.param_groups) != 1:
-            raise ConfigError("layerwise_lr builds the parameter groups itself: give it an optimizer with one group.")
-        group = optimizer.param_groups[0]
-        groups = parameter_groups(state.model, group["lr"], group.get("weight_decay", 0.0), self.lr_multipliers,
-                                  self.layer_decay, self.no_decay_on_norm_and_bias, self.blocks)
+        lrs = sorted({group["lr"] for group in optimizer.param_groups})
+        if len(lrs) != 1:
+            raise ConfigError(f"layerwise_lr sets the groups' LRs itself, but the optimizer's groups already have "
+                              f"different LRs {lrs}: build it with one LR (OptimizerConfig.build(model)).")
+        default_decay = optimizer.defaults.get("weight_decay", 0.0)  # for a parameter in no group
+        decay_of = {id(p): group.get("weight_decay", 0.0) for group in optimizer.param_groups for p in group["params"]}
+        groups = parameter_groups(state.model, lrs[0], lambda parameter: decay_of.get(id(parameter), default_decay),
+                                  self.lr_multipliers, self.layer_decay, self.blocks)
         # Same optimizer, regrouped: its other settings (betas, momentum, ...) fill each new group from its defaults.
         optimizer.param_groups.clear()
         for new_group in groups:

@@ -8,12 +8,18 @@ in `epoch_end`. Linear warmup (Goyal et al., https://arxiv.org/abs/1706.02677) r
 starts at (the optimizer's LR; for onecycle_lr its LR / div_factor): the LR of step s (0-based) is
 start · (s + 1) / warmup_steps, reaching it on the last warmup step.
 
+With several parameter groups (layerwise_lr) every group follows the same schedule from its own LR, and a floor
+(`eta_min`, `min_lr`) is the floor of the base group: a group with an `lr_scale` (its LR over the optimizer's) stops at
+floor × lr_scale, so the groups' LR ratios hold to the end (as timm's and BEiT's schedulers do). One schedule per run:
+two would multiply each other's LR (`sets_learning_rate`, checked before training).
+
 The pure function is `schedule_lrs`: the LR at every step of a run, for previews and tests.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -36,12 +42,55 @@ def to_steps(steps: float | None, epochs: float | None, steps_per_epoch: int, na
     return None if steps is None else int(steps)
 
 
+def group_floors(optimizer: torch.optim.Optimizer, floor: float) -> list[float]:
+    """Each parameter group's LR floor: `floor` for the base group, floor × `lr_scale` for a group whose LR is
+    `lr_scale` × the optimizer's (layerwise_lr stores it), so the groups' LR ratios hold at the floor too."""
+    return [floor * group.get("lr_scale", 1.0) for group in optimizer.param_groups]
+
+
+def cosine_factor(step: int, period: int, cycle_mult: int | None = None) -> float:
+    """(1 + cos(π · t / T)) / 2 at `step`: one cosine of `period` steps (continuing past it, as torch's
+    CosineAnnealingLR does), or with `cycle_mult` restarts whose cycles grow `cycle_mult` times (SGDR, as torch's
+    CosineAnnealingWarmRestarts)."""
+    position, length = step, period
+    if cycle_mult == 1:
+        position = step % period
+    elif cycle_mult is not None:
+        while position >= length:  # log(step) / log(cycle_mult) cycles
+            position, length = position - length, length * cycle_mult
+    return 0.5 * (1.0 + math.cos(math.pi * position / length))
+
+
+class CosineFactor:
+    """A LambdaLR factor: cosine annealing from a group's LR down to `floor_fraction` of it (see `cosine_factor`).
+
+    A callable object, not a lambda, so LambdaLR's state_dict saves its fields with the checkpoint."""
+
+    def __init__(self, floor_fraction: float, period: int, cycle_mult: int | None = None):
+        self.floor_fraction, self.period, self.cycle_mult = floor_fraction, period, cycle_mult
+
+    def __call__(self, step: int) -> float:
+        return self.floor_fraction + (1.0 - self.floor_fraction) * cosine_factor(step, self.period, self.cycle_mult)
+
+
+def cosine_scheduler(optimizer: torch.optim.Optimizer, eta_min: float, period: int,
+                     cycle_mult: int | None = None) -> lr_scheduler.LambdaLR:
+    """torch's LambdaLR annealing every group from its own LR to its own floor (`group_floors`)."""
+    factors = []
+    for group, floor in zip(optimizer.param_groups, group_floors(optimizer, eta_min)):
+        start = group.get("initial_lr", group["lr"])  # the LR the schedule starts from, before any warmup
+        factors.append(CosineFactor(floor / start if start else 0.0, period, cycle_mult))
+    return lr_scheduler.LambdaLR(optimizer, factors)
+
+
 def schedule_lrs(schedule: LRSchedule, steps_per_epoch: int, max_steps: int, base_lr: float = 1.0,
-                 metric: Callable[[int], float] = lambda epoch: 1.0) -> list[float]:
+                 metric: Callable[[int], float] = lambda epoch: 1.0, lr_scale: float = 1.0) -> list[float]:
     """The LR of every optimizer step of a run with `schedule` (a copy is simulated on a one-parameter optimizer;
-    `metric(epoch)` feeds plateau schedules)."""
+    `metric(epoch)` feeds plateau schedules). `lr_scale`: the simulated group's share of the optimizer's LR
+    (`base_lr` is already scaled), as layerwise_lr sets it; its floor is scaled alike."""
     parameter = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([parameter], lr=base_lr, momentum=0.9)  # momentum: OneCycle cycles it
+    optimizer.param_groups[0]["lr_scale"] = lr_scale
     state = TrainState(None, parameter, optimizer, Path("."), steps_per_epoch=steps_per_epoch, max_steps=max_steps,
                        validates=True)
     schedule = copy.deepcopy(schedule)
@@ -67,6 +116,7 @@ class LRSchedule(Technique):
         warmup_steps / warmup_epochs: length of the linear warmup (none by default).
     """
 
+    sets_learning_rate = True  # only one technique of a run may (checked before training)
     per_step = True  # False: stepped on a metric at the end of each epoch (plateau)
 
     def __init__(self, warmup_steps: int | None = None, warmup_epochs: float | None = None):
@@ -172,7 +222,8 @@ class ExponentialLR(LRSchedule):
 @register("cosine_lr")
 class CosineLR(LRSchedule):
     """Cosine annealing from the optimizer's LR to `eta_min` over the run after the warmup (Loshchilov & Hutter,
-    https://arxiv.org/abs/1608.03983), or over `period_steps` / `period_epochs`."""
+    https://arxiv.org/abs/1608.03983), or over `period_steps` / `period_epochs`. `eta_min` is the base group's
+    floor; a layer-wise group's is eta_min × its lr_scale."""
 
     def __init__(self, eta_min: float = 0.0, period_steps: int | None = None, period_epochs: float | None = None,
                  warmup_steps: int | None = None, warmup_epochs: float | None = None):
@@ -181,13 +232,16 @@ class CosineLR(LRSchedule):
 
     def build(self, optimizer, state, steps):
         period = to_steps(self.period_steps, self.period_epochs, state.steps_per_epoch, "cosine_lr.period") or steps
-        return lr_scheduler.CosineAnnealingLR(optimizer, period, self.eta_min)
+        if period < 1:
+            raise ConfigError(f"cosine_lr: the period must last 1 step or more, got {period}.")
+        return cosine_scheduler(optimizer, self.eta_min, period)  # CosineAnnealingLR's curve, with group floors
 
 
 @register("cosine_restarts_lr")
 class CosineRestartsLR(LRSchedule):
     """Cosine annealing with warm restarts (SGDR): the first cycle lasts `cycle_steps` / `cycle_epochs`, each next
-    one `cycle_mult` times longer."""
+    one `cycle_mult` times longer. `eta_min` is the base group's floor; a layer-wise group's is eta_min × its
+    lr_scale."""
 
     example_args = {"cycle_epochs": 5, "cycle_mult": 2}
 
@@ -196,11 +250,16 @@ class CosineRestartsLR(LRSchedule):
         super().__init__(warmup_steps, warmup_epochs)
         if cycle_steps is None and cycle_epochs is None:
             raise ConfigError("cosine_restarts_lr: give cycle_steps or cycle_epochs.")
+        if cycle_mult < 1:
+            raise ConfigError(f"cosine_restarts_lr.cycle_mult must be 1 or more, got {cycle_mult}.")
         self.cycle_steps, self.cycle_epochs, self.cycle_mult, self.eta_min = cycle_steps, cycle_epochs, cycle_mult, eta_min
 
     def build(self, optimizer, state, steps):
         cycle = to_steps(self.cycle_steps, self.cycle_epochs, state.steps_per_epoch, "cosine_restarts_lr.cycle")
-        return lr_scheduler.CosineAnnealingWarmRestarts(optimizer, cycle, self.cycle_mult, self.eta_min)
+        if cycle < 1:
+            raise ConfigError(f"cosine_restarts_lr: the first cycle must last 1 step or more, got {cycle}.")
+        # CosineAnnealingWarmRestarts' curve, with group floors
+        return cosine_scheduler(optimizer, self.eta_min, cycle, self.cycle_mult)
 
 
 @register("onecycle_lr")
@@ -231,7 +290,8 @@ class OneCycleLR(LRSchedule):
 
 @register("plateau_lr")
 class PlateauLR(LRSchedule):
-    """Multiply the LR by `factor` when the validation `metric` has not improved for `patience` epochs."""
+    """Multiply the LR by `factor` when the validation `metric` has not improved for `patience` epochs, down to
+    `min_lr` (the base group's floor; a layer-wise group's is min_lr × its lr_scale)."""
 
     per_step = False
 
@@ -244,7 +304,7 @@ class PlateauLR(LRSchedule):
 
     def build(self, optimizer, state, steps):
         return lr_scheduler.ReduceLROnPlateau(optimizer, self.mode, self.factor, self.patience, self.threshold,
-                                              min_lr=self.min_lr)
+                                              min_lr=group_floors(optimizer, self.min_lr))
 
     def fit_start(self, state: TrainState) -> None:
         state.require_validation(self.name, self.metric)
