@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import accelerate.optimizer
@@ -55,11 +56,13 @@ def make_accelerator(
     deepspeed_values: Mapping[str, Any] | None = None,
     compile: bool = False,
     find_unused_parameters: bool = False,
+    non_blocking: bool = False,
 ) -> Accelerator:
     """An Accelerator for whatever the launch config asked for; raises `LaunchError` if the launch went wrong.
 
     `deepspeed_values` are what the recipe's techniques set in a DeepSpeed config (e.g. `gradient_clipping`); with
     `gradient_accumulation_steps` they fill the config's "auto" entries, and a config that contradicts them is refused.
+    `non_blocking`: the training loader pins its memory, so batches are copied to the GPU asynchronously.
     """
     check_launch_environment()
     extra: dict[str, Any] = {}
@@ -78,11 +81,23 @@ def make_accelerator(
         log_with=list(log_with) or None,
         project_config=ProjectConfiguration(project_dir=output_dir, logging_dir=output_dir),
         # The shuffling order is a function of (seed, epoch): a resumed run sees the batches it would have seen.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=non_blocking),
         **extra,
     )
     check_launch(accelerator)
     return accelerator
+
+
+def set_determinism(deterministic: bool) -> None:
+    """`--deterministic`: only deterministic kernels, so the same run twice gives bitwise-equal weights (the data
+    order and the DataLoader workers' seeds already follow the run's seed). Otherwise cuDNN autotunes convolutions on
+    CUDA (`benchmark`), the faster choice for fixed input shapes. Called before any CUDA work: cuBLAS reads
+    CUBLAS_WORKSPACE_CONFIG when it starts."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic and torch.cuda.is_available()
 
 
 def _env_flag(name: str) -> bool:
@@ -165,6 +180,37 @@ def full_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[st
     return {name: t.detach().cpu().contiguous().clone() for name, t in weights.items()}
 
 
+@contextmanager
+def weights_swapped_in(accelerator: Accelerator, model: torch.nn.Module,
+                       weights: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Inside, the model holds `weights` (a whole state dict, as `full_state_dict` returns, read by every rank);
+    afterwards its own weights again, exactly. Under ZeRO-3 DeepSpeed cuts the whole tensors into each rank's shards."""
+    module = accelerator.unwrap_model(model)
+    parameters = list(module.parameters())
+    zero3 = any(hasattr(p, "ds_tensor") for p in parameters)
+    own = [p.ds_tensor if zero3 else p for p in parameters] + list(module.buffers())
+    backup = [t.detach().clone() for t in own]
+    with torch.no_grad():
+        if zero3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(parameters, modifier_rank=0):
+                module.load_state_dict(weights)
+        else:
+            module.load_state_dict(weights)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(own, backup)
+        if zero3:  # ZeRO-3 keeps small parameters gathered between forwards: drop those stale copies
+            from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+            gathered = [p for p in parameters if p.ds_status == ZeroParamStatus.AVAILABLE]
+            if gathered:
+                gathered[0].partition(param_list=gathered)
+
+
 def main_process_decides(accelerator: Accelerator, decision: bool) -> bool:
     """Rank 0's `decision`, on every rank: a stop or save that must happen everywhere or nowhere."""
     flag = torch.tensor([float(decision)], device=accelerator.device)
@@ -187,6 +233,23 @@ def check_launch(accelerator: Accelerator) -> None:
         )
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":  # an Accelerator built by hand
         raise LaunchError(FP16_ON_CPU)
+
+
+def num_machines() -> int:
+    """Machines in the run: the launcher's world size over the processes it started on this machine."""
+    world = launched_world_size()
+    return max(1, world // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+
+
+def deepspeed_summary(accelerator: Accelerator) -> dict[str, Any]:
+    """Under DeepSpeed, its ZeRO stage and where optimizer state and parameters are offloaded (for summary.json)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return {}
+    zero = plugin.deepspeed_config.get("zero_optimization", {})
+    return {"zero_stage": int(plugin.zero_stage),
+            "offload_optimizer": zero.get("offload_optimizer", {}).get("device", "none"),
+            "offload_param": zero.get("offload_param", {}).get("device", "none")}
 
 
 def describe_backend(accelerator: Accelerator) -> Backend:

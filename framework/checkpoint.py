@@ -48,10 +48,33 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+#: What a run writes first: a directory holding one of these is a run directory that `--overwrite` may empty.
+RUN_FILES = ("checkpoints", "config.yaml", "metrics.jsonl", "summary.json")
+
+
+def check_overwritable(output_dir: str | os.PathLike) -> None:
+    """Refuse `--overwrite true` on a directory that holds files but no earlier run (none of `RUN_FILES`): it may be
+    anything (a home directory, a data folder). Every rank calls it, so a refusal stops them all."""
+    directory = Path(output_dir)
+    if directory.is_dir() and any(directory.iterdir()) and not any((directory / n).exists() for n in RUN_FILES):
+        raise ConfigError(
+            f"--overwrite true would delete everything in output_dir {directory}, which holds files but no earlier "
+            f"run (none of {', '.join(RUN_FILES)}). Choose a new or empty --output_dir."
+        )
+
+
 def clear_run(output_dir: str | os.PathLike) -> None:
-    """Delete an earlier run's checkpoints and metrics.jsonl (for `--overwrite true`)."""
-    shutil.rmtree(checkpoint_root(output_dir), ignore_errors=True)
-    Path(output_dir, "metrics.jsonl").unlink(missing_ok=True)
+    """`--overwrite true`: empty an earlier run's directory, keeping nothing of it (checkpoints, metrics, summary,
+    exported weights, pictures, tracker files), so nothing left over can pass for the new run's results. Call
+    `check_overwritable` first."""
+    directory = Path(output_dir)
+    if not directory.is_dir():
+        return
+    for entry in directory.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, step: int, keep: int,

@@ -21,29 +21,60 @@ from framework.backend import (
     clip_grad_norm,
     describe_backend,
     forget_unscaling,
+    deepspeed_summary,
     make_accelerator,
+    num_machines,
+    set_determinism,
     unscale_gradients_once,
 )
-from framework.checkpoint import check_resumable, clear_run, load_checkpoint, resolve_resume, save_checkpoint
+from framework.checkpoint import (
+    check_overwritable,
+    check_resumable,
+    clear_run,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
 from framework.config import TrainerConfig, flatten
 from framework.errors import FrameworkError
+from framework.nn.norm import frozen_running_statistics
 from framework.state import TrainState
 from framework.task import Task
 from framework.plots import plot_lr_curves
 from framework.preemption import PreemptionWatch
 from framework.technique import Technique, build_techniques, check_techniques, hook_table
 from framework.techniques.lr_finder import find_lr
-from framework.techniques.lr_schedule import LRSchedule, schedule_lrs
+from framework.techniques.lr_schedule import schedule_lrs
 from framework.data.loaders import first_batches
 from framework.tracking import (
     OVERFIT_NEAR_ZERO,
     LogWindow,
+    batch_layout,
+    describe_start,
+    model_summary,
+    plain_output,
     log_picture,
     make_trackers,
     memory_use,
     overfit_verdict,
     tracker_init_kwargs,
 )
+
+
+def window_loss_scale(batch_in_epoch: int, batches_per_epoch: int, accumulation: int) -> float:
+    """The factor for one micro-batch's loss so that every optimizer step applies the mean over the micro-batches
+    it holds. accelerate divides every loss by k; the epoch's last window may hold only r < k micro-batches (its
+    step comes at the end of the data), so those are scaled by k / r, else that step would apply r/k of a mean."""
+    remainder = batches_per_epoch % accumulation
+    return accumulation / remainder if remainder and batch_in_epoch >= batches_per_epoch - remainder else 1.0
+
+
+def to_channels_last(batch: Any) -> Any:
+    """A batch whose 4-D tensors (images) are in channels-last memory format, like the model's weights."""
+    if isinstance(batch, dict):
+        return {k: v.contiguous(memory_format=torch.channels_last) if torch.is_tensor(v) and v.dim() == 4 else v
+                for k, v in batch.items()}
+    return batch
 
 
 class Trainer:
@@ -78,22 +109,31 @@ class Trainer:
         self.techniques = build_techniques(config.techniques) if techniques is None else list(techniques)
         if techniques is None and config.doctor and "doctor" not in config.techniques:
             self.techniques = build_techniques({"doctor": {}}) + self.techniques  # first: it sees the raw loss
+        set_determinism(config.deterministic)
         deepspeed_values = {k: v for t in self.techniques for k, v in t.deepspeed_config().items()}
         self.accelerator = accelerator or make_accelerator(
             config.output_dir, config.gradient_accumulation_steps, make_trackers(config.tracker, config.output_dir),
             deepspeed_values, config.compile, find_unused_parameters=task.owns_step,
+            non_blocking=getattr(train_data, "pin_memory", False),  # pinned batches: copy without waiting
         )
         # Every refusal comes here, before any data is touched or any step is taken.
         self.backend = describe_backend(self.accelerator)
         check_techniques(self.techniques, self.backend)
         task.check(self.backend, self.techniques, config.gradient_accumulation_steps)
-        self.resume_path = resolve_resume(config.resume_from, config.output_dir, config.overwrite)
+        # The modes that train nothing (LR preview, LR finder) write their pictures beside any run already there:
+        # they neither refuse an output_dir with checkpoints nor delete anything in it.
+        trains = not (config.preview_lr or config.find_lr)
+        self.resume_path = resolve_resume(config.resume_from, config.output_dir, config.overwrite) if trains else None
         if self.resume_path is not None:
             check_resumable(self.resume_path, self.backend)
-        if self.resume_path is None and config.overwrite and self.accelerator.is_main_process:
-            clear_run(config.output_dir)
+        if trains and self.resume_path is None and config.overwrite:
+            check_overwritable(config.output_dir)
+            if self.accelerator.is_main_process:
+                clear_run(config.output_dir)
         self.accelerator.wait_for_everyone()
         self.data = {"train": train_data, "val": eval_data, "test": test_data}
+        self.batch = batch_layout(getattr(train_data, "batch_size", None), self.accelerator.num_processes,
+                                  config.gradient_accumulation_steps)
         self.pictures = dict(pictures or {})
         self.state = TrainState(self.accelerator, model, optimizer, Path(config.output_dir),
                                 techniques=self.techniques, task=task)
@@ -111,6 +151,8 @@ class Trainer:
         if config.overfit_batches:
             self.data["train"] = first_batches(self.data["train"], config.overfit_batches)
         self._call("before_prepare")
+        if config.channels_last:
+            state.model = state.model.to(memory_format=torch.channels_last)
         # One call for model, optimizer and training data: DeepSpeed reads its micro-batch size from the loader.
         state.model, state.optimizer, self.data["train"] = accelerator.prepare(
             state.model, state.optimizer, self.data["train"])
@@ -128,7 +170,7 @@ class Trainer:
             accelerator.end_training()
             return result
         if self.resume_path is None and accelerator.is_main_process and any(
-                isinstance(t, LRSchedule) for t in self.techniques):
+                t.sets_learning_rate for t in self.techniques):
             # Drawn now, while the schedules are not yet bound to the optimizer; logged when tracking starts.
             self.draw_lr_schedule(state.output_dir / "lr_schedule.png")
             self.pictures.setdefault("lr_schedule", lambda path: None)  # already at output_dir/lr_schedule.png
@@ -140,6 +182,7 @@ class Trainer:
             load_checkpoint(accelerator, self.resume_path, state.model, registered)
             self._last_checkpoint_step = state.step
         self._start_tracking()
+        self._announce()
 
         self._preemption = PreemptionWatch(accelerator.num_processes > 1) if config.handle_preemption else None
         try:
@@ -158,6 +201,10 @@ class Trainer:
         results = dict(state.eval_metrics)
         if self.data["test"] is not None:
             results.update(self.evaluate(self.data["test"], "test"))
+            for technique in self.techniques:  # e.g. the best checkpoint's weights, reported as test_best/*
+                for prefix, swapped_in in technique.test_weights(state).items():
+                    with swapped_in:
+                        results.update(self.evaluate(self.data["test"], prefix, hooks=False))
         self._call("fit_end")
         return self._finish(results, time.perf_counter() - started)
 
@@ -184,28 +231,35 @@ class Trainer:
     def draw_lr_schedule(self, path: Path) -> dict[str, list[float]]:
         """The LR each schedule technique gives each step of this run (first parameter group), drawn to `path`.
         Simulated on copies of the schedules: call it before `fit_start` binds them to the (DeepSpeed) optimizer."""
-        state, schedules = self.state, [t for t in self.techniques if isinstance(t, LRSchedule)]
+        state, schedules = self.state, [t for t in self.techniques if t.sets_learning_rate]
         base = state.optimizer.param_groups[0]["lr"]
-        curves = {t.name: schedule_lrs(t, state.steps_per_epoch, state.max_steps, base) for t in schedules}
+        scale = state.optimizer.param_groups[0].get("lr_scale", 1.0)  # layerwise_lr: the group's floor scales too
+        curves = {t.name: schedule_lrs(t, state.steps_per_epoch, state.max_steps, base, lr_scale=scale)
+                  for t in schedules}
         curves = curves or {"constant": [base] * state.max_steps}
         plot_lr_curves({f"{', '.join(curves)}: {state.max_steps} steps": curves}, path, state.steps_per_epoch)
         return curves
 
     @torch.no_grad()
-    def evaluate(self, loader: DataLoader, prefix: str = "val") -> dict[str, float]:
-        """Metrics of the model on `loader`, computed over all ranks' samples (each counted once)."""
+    def evaluate(self, loader: DataLoader, prefix: str = "val", hooks: bool = True) -> dict[str, float]:
+        """Metrics of the model on `loader`, computed over all ranks' samples (each counted once). `hooks=False`
+        evaluates the weights the model holds, without the eval_start / eval_end hooks (EMA's swap)."""
         state = self.state
-        self._call("eval_start")
+        if hooks:
+            self._call("eval_start")
         state.model.eval()
         collected: dict[str, list[torch.Tensor]] = defaultdict(list)
         for batch in loader:
+            if self.config.channels_last:
+                batch = to_channels_last(batch)
             outputs = self.task.forward(state.model, batch)
             per_sample = self.accelerator.gather_for_metrics(self.task.eval_outputs(outputs, batch))
             for name, values in per_sample.items():
                 collected[name].append(values)
         metrics = self.task.compute_metrics({name: torch.cat(values) for name, values in collected.items()})
         state.model.train()
-        self._call("eval_end")
+        if hooks:
+            self._call("eval_end")
         return {f"{prefix}/{name}": value for name, value in metrics.items()}
 
     # --- the loop ---------------------------------------------------------------------------------------------
@@ -213,18 +267,21 @@ class Trainer:
         accelerator, config, state, task = self.accelerator, self.config, self.state, self.task
         hooks = self._hooks
         progress = tqdm(total=state.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
-                        disable=not accelerator.is_local_main_process)
+                        disable=not accelerator.is_local_main_process or plain_output())
         window = LogWindow(accelerator.device)
         state.model.train()
         while state.step < state.max_steps and not state.should_stop:
             self._call("epoch_start")
             loader = self.data["train"]
+            batches = len(loader)  # micro-batches per epoch on this rank
             loader.set_epoch(state.epoch)
             if state.batch_in_epoch:  # resuming mid-epoch: continue after the batches already consumed
                 loader = accelerator.skip_first_batches(loader, state.batch_in_epoch)
             window.wait_for_data()
             for batch in loader:
                 window.data_arrived()
+                if config.channels_last:
+                    batch = to_channels_last(batch)
                 for hook in hooks["on_batch"]:
                     batch = hook(state, batch)
                 if task.owns_step:  # e.g. a GAN: its updates go through `self.update`
@@ -237,7 +294,8 @@ class Trainer:
                         loss = task.loss(outputs, batch)
                         for hook in hooks["on_loss"]:
                             loss = hook(state, loss, batch, outputs)
-                        accelerator.backward(loss)
+                        scale = window_loss_scale(state.batch_in_epoch, batches, config.gradient_accumulation_steps)
+                        accelerator.backward(loss if scale == 1 else loss * scale)
                         self._call("after_backward")
                         stepped = accelerator.sync_gradients and self._optimizer_step(batch)
                         if stepped:
@@ -332,7 +390,8 @@ class Trainer:
         state, task = self.state, self.task
         state.optimizer.zero_grad(set_to_none=True)
         forget_unscaling(self.accelerator, state.optimizer)  # fp16: the new gradients arrive scaled
-        outputs = task.forward(state.model, batch)
+        with frozen_running_statistics(state.model):  # BatchNorm statistics move once per step, from the first pass
+            outputs = task.forward(state.model, batch)
         loss = task.loss(outputs, batch)
         for hook in self._hooks["on_loss"]:
             loss = hook(state, loss, batch, outputs)
@@ -355,10 +414,10 @@ class Trainer:
         state = self.state
         values = window.flush(self.accelerator, state.logs)
         values["lr"] = state.optimizer.param_groups[0]["lr"]
-        if len(state.optimizer.param_groups) > 1:
+        if len({g["lr"] for g in state.optimizer.param_groups}) > 1:  # e.g. layerwise_lr (not no-decay groups)
             values.update({f"lr/group_{i}": g["lr"] for i, g in enumerate(state.optimizer.param_groups)})
-        values.update(epoch=state.epoch + state.batch_in_epoch / max(len(self.data["train"]), 1),
-                      samples_seen=state.samples_seen, **memory_use(self.accelerator.device))
+        values.update(epoch=self._epochs_done(), samples_seen=state.samples_seen,
+                      **memory_use(self.accelerator.device))
         if state.tokens_seen:
             values["tokens_seen"] = state.tokens_seen
         self.accelerator.log(values, step=state.step)
@@ -368,13 +427,31 @@ class Trainer:
             report.update(last_loss=loss, near_zero=loss < OVERFIT_NEAR_ZERO)
         progress.set_postfix(loss=f"{values['train/loss']:.4f}", samples_s=f"{values['samples_per_second']:.0f}",
                              lr=f"{values['lr']:.2e}", refresh=False)
+        if progress.disable and self.accelerator.is_main_process:  # a log file: one plain line per log step
+            print(f"step {state.step}/{state.max_steps} epoch {values['epoch']:.2f}: loss {values['train/loss']:.4f}, "
+                  f"lr {values['lr']:.2e}, {values['samples_per_second']:.0f} samples/s", flush=True)
+
+    def _epochs_done(self) -> float:
+        """Epochs trained, with the current epoch's fraction: the same count in log lines, metrics and summary."""
+        return self.state.epoch + self.state.batch_in_epoch / max(len(self.data["train"]), 1)
+
+    def _announce(self) -> None:
+        accelerator, config, state = self.accelerator, self.config, self.state
+        if not accelerator.is_main_process:
+            return
+        self.model_summary = model_summary(accelerator.unwrap_model(state.model))
+        stage = f" ZeRO-{self.backend.deepspeed_stage}" if self.backend.deepspeed_stage is not None else ""
+        where = f"{self.backend.distributed_type}{stage}, {self.backend.device_type}, {self.backend.mixed_precision}"
+        print(describe_start(self.model_summary, self.batch, state.steps_per_epoch, state.max_steps, where))
+        if config.tracker == "tensorboard":
+            print(f"TensorBoard: tensorboard --logdir {state.output_dir}")
 
     def _evaluate_and_log(self) -> None:
         metrics = self.evaluate(self.data["val"], "val")
         self.state.eval_metrics, self.state.eval_step = metrics, self.state.step
         self.accelerator.log(metrics, step=self.state.step)
         if self.accelerator.is_main_process:  # tqdm.write keeps the progress bar intact
-            tqdm.write(f"epoch {self.state.epoch} step {self.state.step}: "
+            tqdm.write(f"epoch {round(self._epochs_done(), 2):g} step {self.state.step}: "
                        + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     def _checkpoint(self) -> None:
@@ -403,7 +480,7 @@ class Trainer:
         accelerator, state = self.accelerator, self.state
         accelerator.wait_for_everyone()
         accelerator.save_model(state.model, state.output_dir)
-        accelerator.log({k: v for k, v in results.items() if k.startswith("test/")}, step=state.step)
+        accelerator.log({k: v for k, v in results.items() if k.startswith("test")}, step=state.step)
         summary = {
             "metrics": results,
             "run": {
@@ -412,19 +489,26 @@ class Trainer:
                 "mixed_precision": accelerator.mixed_precision,
                 "device": str(accelerator.device),
                 "gradient_accumulation_steps": self.config.gradient_accumulation_steps,
+                "num_machines": num_machines(),
+                **deepspeed_summary(accelerator),
+                **self.batch,
                 "steps": state.step,
-                "epochs": state.epoch,
+                "epochs": round(self._epochs_done(), 4),
                 "samples_seen": state.samples_seen,
                 "seconds": round(seconds, 2),
+                "samples_per_second": round(state.samples_seen / seconds, 1) if seconds > 0 else None,
                 "techniques": [t.name or type(t).__name__ for t in self.techniques],
             },
+            "model": getattr(self, "model_summary", None),
             **state.summary,
         }
         if accelerator.is_main_process:
             (state.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         accelerator.end_training()  # closes the trackers (W&B prints its run summary here)
         if accelerator.is_main_process:
-            print("\n" + "\n".join(f"{k:>16s} = {v:.4f}" for k, v in results.items()))
+            print(f"\ntrained {state.step} steps ({summary['run']['epochs']:g} epochs, {state.samples_seen:,} samples) "
+                  f"in {seconds:.1f} s: {summary['run']['samples_per_second']} samples/s")
+            print("\n".join(f"{k:>18s} = {v:.4f}" for k, v in results.items()))
             if "overfit_batches" in state.summary:
                 print(overfit_verdict(self.config.overfit_batches, **state.summary["overfit_batches"]))
             print(f"wrote {state.output_dir}/:\n  " + "\n  ".join(sorted(p.name for p in state.output_dir.iterdir())))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import netrc
 import os
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -172,3 +173,38 @@ def overfit_verdict(batches: int, first_loss: float, last_loss: float, near_zero
     return (f"overfit_batches {batches}: training loss {first_loss:.4f} -> {last_loss:.4f}, NOT near zero "
             f"(< {OVERFIT_NEAR_ZERO}). Train longer (--max_steps), raise the LR, turn regularization off (augmentation, "
             "mixup, label smoothing, dropout, weight decay), and check that labels match inputs.")
+
+
+def plain_output() -> bool:
+    """True when the console is a file or a pipe (SLURM, nohup): one plain line per log step instead of a progress
+    bar, whose thousands of carriage-return updates would pile up on one line of the log."""
+    return not sys.stderr.isatty()
+
+
+def model_summary(model: torch.nn.Module) -> dict[str, Any]:
+    """The model's class, parameter counts and weight size (whole tensors, also when ZeRO-3 holds only shards)."""
+    parameters = list(model.parameters())
+    numel = [getattr(p, "ds_numel", p.numel()) for p in parameters]
+    return {
+        "class": type(model).__name__,
+        "parameters": sum(numel),
+        "trainable_parameters": sum(n for n, p in zip(numel, parameters) if p.requires_grad),
+        "size_mb": round(sum(n * p.element_size() for n, p in zip(numel, parameters)) / 2**20, 2),
+    }
+
+
+def batch_layout(per_process: int | None, processes: int, accumulation: int) -> dict[str, Any]:
+    """`data.batch_size` is per process: the samples of one optimizer step are that × processes × accumulation."""
+    return {"per_process_batch_size": per_process, "num_processes": processes, "gradient_accumulation_steps":
+            accumulation, "global_batch_size": per_process * processes * accumulation if per_process else None}
+
+
+def describe_start(model: dict[str, Any], batch: dict[str, Any], steps_per_epoch: int, max_steps: int,
+                   backend: str) -> str:
+    """The lines printed when training starts: what is trained, with what batch, for how long, where."""
+    size = f"{model['parameters']:,} parameters ({model['trainable_parameters']:,} trainable), {model['size_mb']} MB"
+    global_batch = batch["global_batch_size"] or "?"
+    return (f"model {model['class']}: {size}\n"
+            f"global batch {global_batch} = {batch['per_process_batch_size'] or '?'} per process × "
+            f"{batch['num_processes']} process(es) × {batch['gradient_accumulation_steps']} accumulation step(s); "
+            f"{steps_per_epoch} steps per epoch, {max_steps} steps in all; {backend}")

@@ -15,7 +15,7 @@ from framework.config import TrainerConfig
 from framework.errors import ConfigError, LaunchError
 from framework.loop import Trainer
 from framework.task import ClassificationTask
-from framework.technique import HOOKS, Technique
+from framework.technique import HOOKS, Technique, hook_table
 from framework.techniques import EMA, CosineLR
 from helpers import reset_accelerate, tiny_classification_data
 
@@ -106,6 +106,55 @@ def test_accumulation_equals_large_batch(tmp_path):
     torch.manual_seed(0)
     initial = torch.nn.Linear(4, 3).weight  # what make_trainer started from: training really moved the weights
     assert (small_weights[0] - initial).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("n, batch_size", [(20, 4), (22, 4)])
+def test_partial_accumulation_window_applies_its_own_mean(tmp_path, n, batch_size):
+    """5 (or 6) micro-batches at k=4: the epoch's last step averages the 1 (or 2) micro-batches it holds, like one
+    large batch of the same samples would (not their sum divided by 4). n=22 also makes the last micro-batch small."""
+    small = make_trainer(tmp_path / "small", batch_size=batch_size, n=n, accumulation=4, epochs=2)
+    small.fit()
+    small_weights = [p.detach().clone() for p in small.state.model.parameters()]
+    reset_accelerate()
+    large = make_trainer(tmp_path / "large", batch_size=4 * batch_size, n=n, accumulation=1, epochs=2)
+    large.fit()
+    assert small.state.step == large.state.step == 4  # ceil(5 / 4) steps per epoch
+    if n % batch_size == 0:  # equal micro-batches: the mean of micro-batch means is the large batch's mean
+        for a, b in zip(small_weights, large.state.model.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    else:  # a smaller last micro-batch: compare with the mean over the micro-batches, computed by hand
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        data = tiny_classification_data(n)
+        batches = [data[i:i + batch_size] for i in range(0, n, batch_size)]
+        for _ in range(2):
+            for start in range(0, len(batches), 4):
+                window = batches[start:start + 4]
+                losses = [torch.nn.functional.cross_entropy(
+                    model(torch.stack([s["pixel_values"] for s in b])), torch.stack([s["label"] for s in b]))
+                    for b in window]
+                (sum(losses) / len(window)).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        for a, b in zip(small_weights, model.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_partial_accumulation_window_under_two_process_ddp(tmp_path):
+    """2 ranks × 5 micro-batches of 4 at k=4 equal one process with batches of 32 over the same 40 samples."""
+    from helpers import ROOT, launch
+
+    result = launch(ROOT / "tests" / "scripts" / "accumulate_uneven.py", str(tmp_path / "ddp"), "40", "4", "4",
+                    launch_config="multi_cpu.yaml")
+    assert result.returncode == 0 and "steps 4" in result.stdout
+    large = make_trainer(tmp_path / "large", batch_size=32, n=40, accumulation=1, epochs=2, doctor=False)
+    large.fit()
+    assert large.state.step == 4
+    weights = load_file(tmp_path / "ddp" / "weights.safetensors")
+    torch.testing.assert_close(weights["weight"], large.state.model.weight.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(weights["bias"], large.state.model.bias.detach(), rtol=1e-5, atol=1e-6)
 
 
 class Probe(Technique):
@@ -211,3 +260,165 @@ def test_compile_switch_compiles_and_trains_like_eager(tmp_path):
     assert not hasattr(eager.state.model, "_orig_mod")
     for a, b in zip(eager.state.model.parameters(), compiled.state.model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("pin_memory", [False, True])
+def test_pinned_training_loader_gets_non_blocking_copies(tmp_path, pin_memory):
+    """Pinned host memory only pays with asynchronous host-to-device copies: accelerate's `non_blocking`."""
+    data = tiny_classification_data(8)
+    config = TrainerConfig(output_dir=str(tmp_path), tracker="none")
+    model = torch.nn.Linear(4, 3)
+    trainer = Trainer(config, model, torch.optim.SGD(model.parameters(), lr=0.1), ClassificationTask(num_classes=3),
+                      DataLoader(data, batch_size=2, pin_memory=pin_memory), techniques=[])
+    assert trainer.accelerator.dataloader_config.non_blocking is pin_memory
+
+
+def test_best_weights_are_evaluated_on_the_test_split_too(tmp_path):
+    """best_model (evaluate_best, the default): test_best/* are the metrics of model_best.safetensors on the test
+    split, test/* those of the final weights, which the model holds again afterwards."""
+    from framework.techniques import BestModel
+
+    # "max" of val/loss picks the worst epoch (the first), so the best weights are not the final ones.
+    trainer = make_trainer(tmp_path, [BestModel(metric="val/loss", mode="max")], batch_size=4, n=16, epochs=3, lr=0.5,
+                           doctor=False)
+    summary = trainer.fit()
+    assert summary["best_model"]["step"] < trainer.state.step == 12
+    assert summary["best_model"]["test_metrics"] == "test_best/*"
+    final = {k: v.clone() for k, v in trainer.state.model.state_dict().items()}
+    best = load_file(tmp_path / "model_best.safetensors")
+    assert not torch.equal(best["weight"], final["weight"])
+    for k, v in load_file(tmp_path / "model.safetensors").items():
+        assert torch.equal(v, final[k])  # the final weights were restored after the best ones were evaluated
+
+    test = tiny_classification_data(16)[4:]  # make_trainer's test split
+
+    def metrics(weights):
+        model = torch.nn.Linear(4, 3)
+        model.load_state_dict(weights)
+        logits = model(torch.stack([d["pixel_values"] for d in test]))
+        labels = torch.stack([d["label"] for d in test])
+        return (torch.nn.functional.cross_entropy(logits, labels).item(),
+                (logits.argmax(1) == labels).float().mean().item())
+
+    for prefix, weights in (("test", final), ("test_best", best)):
+        loss, accuracy = metrics(weights)
+        assert summary["metrics"][f"{prefix}/loss"] == pytest.approx(loss, rel=1e-5)
+        assert summary["metrics"][f"{prefix}/accuracy"] == pytest.approx(accuracy)
+    assert summary["metrics"]["test_best/loss"] != pytest.approx(summary["metrics"]["test/loss"])
+
+
+def _tiny_conv_trainer(tmp_path, **config):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 8, 3, stride=2), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(8, 3))
+    generator = torch.Generator().manual_seed(1)
+    data = [{"pixel_values": torch.randn(3, 12, 12, generator=generator), "label": torch.tensor(i % 3)}
+            for i in range(24)]
+    config = TrainerConfig(output_dir=str(tmp_path), epochs=2, tracker="none", doctor=False, **config)
+    return Trainer(config, model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                   ClassificationTask(num_classes=3), DataLoader(data, batch_size=4, shuffle=True),
+                   DataLoader(data[:8], batch_size=4), techniques=[])
+
+
+class FormatProbe(Technique):
+    """Records the memory format the model's conv weight and the batch have inside training."""
+
+    def __init__(self):
+        self.seen = None
+
+    def on_batch(self, state, batch):
+        weight = state.accelerator.unwrap_model(state.model)[0].weight
+        self.seen = (weight.is_contiguous(memory_format=torch.channels_last),
+                     batch["pixel_values"].is_contiguous(memory_format=torch.channels_last),
+                     torch.are_deterministic_algorithms_enabled())
+        return batch
+
+
+@pytest.mark.parametrize("flag", ["channels_last", "deterministic"])
+def test_channels_last_and_deterministic_switches(tmp_path, flag):
+    """--channels_last puts conv weights and image batches in channels-last format and trains to the same weights
+    within fp32 tolerance; --deterministic turns on deterministic kernels (and cuDNN's deterministic mode)."""
+    plain = _tiny_conv_trainer(tmp_path / "plain")
+    plain.fit()
+    reset_accelerate()
+    switched = _tiny_conv_trainer(tmp_path / flag, **{flag: True})
+    probe = FormatProbe()
+    switched.techniques.append(probe)
+    switched._hooks = hook_table(switched.techniques)
+    try:
+        switched.fit()
+        expected = (True, True, False) if flag == "channels_last" else (False, False, True)
+        assert probe.seen == expected
+        assert torch.backends.cudnn.deterministic is (flag == "deterministic")
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+    for a, b in zip(plain.state.model.state_dict().values(), switched.state.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_deterministic_recipe_run_twice_gives_bitwise_equal_weights(tmp_path):
+    """The regularized digits recipe (random augmentation in 2 DataLoader workers, stochastic depth, Mixup/CutMix)
+    with --deterministic true, launched twice: the same weights, bit for bit."""
+    from helpers import ROOT, launch
+
+    weights = []
+    for run in ("a", "b"):
+        result = launch(ROOT / "recipes" / "image_classification.py", "--config",
+                        str(ROOT / "recipes" / "configs" / "digits_regularized.yaml"), "--deterministic", "true",
+                        "--max_steps", "25", "--data.num_workers", "2", "--tracker", "none",
+                        "--output_dir", str(tmp_path / run))
+        assert result.returncode == 0
+        weights.append(load_file(tmp_path / run / "model.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name
+
+
+def _listing(directory):
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("mode", ["preview_lr", "find_lr"])
+def test_modes_that_train_nothing_leave_an_earlier_run_untouched(tmp_path, mode):
+    """After a finished run, --preview_lr / --find_lr neither refuse (no --overwrite needed) nor delete: every file
+    of the run is still there, byte for byte; their picture is written beside it."""
+    make_trainer(tmp_path, [CosineLR(warmup_steps=2)], batch_size=4, n=16, epochs=2).fit()
+    before = _listing(tmp_path)
+    assert any(name.startswith("checkpoints/") for name in before)
+    for overwrite in (False, True):  # even when told to overwrite
+        reset_accelerate()
+        make_trainer(tmp_path, [CosineLR(warmup_steps=2)], batch_size=4, n=16, epochs=2, overwrite=overwrite,
+                     **{mode: True}).fit()
+        after = _listing(tmp_path)
+        picture = "lr_schedule.png" if mode == "preview_lr" else "lr_finder.png"
+        assert picture in after
+        assert {k: v for k, v in after.items() if k in before and k != picture} == \
+            {k: v for k, v in before.items() if k != picture}
+
+
+def test_overwrite_empties_the_earlier_run_and_refuses_a_directory_that_is_no_run(tmp_path):
+    from framework.techniques import BestModel
+
+    make_trainer(tmp_path, [BestModel(metric="val/loss", mode="min"), EMA(decay=0.9)], batch_size=4, n=16,
+                 epochs=2).fit()
+    assert {"model_best.safetensors", "model_ema.safetensors", "summary.json", "best"} <= {
+        p.name for p in tmp_path.iterdir()}
+    (tmp_path / "notes.txt").write_text("from the earlier run")
+    reset_accelerate()
+    trainer = make_trainer(tmp_path, batch_size=4, n=16, epochs=1, overwrite=True, max_steps=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing of the old run is left
+    trainer.fit()
+    assert {"model_best.safetensors", "model_ema.safetensors", "best", "notes.txt"}.isdisjoint(
+        p.name for p in tmp_path.iterdir())
+    assert json.loads((tmp_path / "summary.json").read_text())["run"]["steps"] == 2
+
+    foreign = tmp_path / "not_a_run"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    reset_accelerate()
+    with pytest.raises(ConfigError, match="holds files but no earlier run"):
+        make_trainer(foreign, batch_size=4, n=16, epochs=1, overwrite=True)
+    assert (foreign / "thesis.tex").read_text() == "precious"

@@ -104,3 +104,53 @@ def test_recipe_with_sam_lookahead_onecycle_and_centralization_reaches_99(tmp_pa
                                             "gradient_clipping", "ema"]  # the doctor is on by default, first
     assert summary["doctor"] == []  # and finds nothing wrong with SAM's two passes
     assert summary["metrics"]["test/accuracy"] >= 0.99
+
+
+def test_second_pass_leaves_batchnorm_running_statistics_alone(tmp_path):
+    """The second forward-backward runs at the perturbed weights: BatchNorm's running statistics move once per step,
+    from the first pass only (a hand-written SAM that restores the buffers after its second pass agrees)."""
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    from framework.config import TrainerConfig
+    from framework.loop import Trainer
+    from framework.task import ClassificationTask
+
+    def bn_model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+                                   torch.nn.Linear(8, 3))
+
+    data = tiny_classification_data(8)
+    model = bn_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    config = TrainerConfig(output_dir=str(tmp_path), epochs=2, tracker="none", log_every=1, doctor=False)
+    Trainer(config, model, optimizer, ClassificationTask(num_classes=3), DataLoader(data, batch_size=2),
+            techniques=[SAM(rho=0.2)], accelerator=Accelerator(cpu=True)).fit()
+    assert int(model[1].num_batches_tracked) == 8  # 2 epochs × 4 steps, not 16
+
+    reference = bn_model()
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):
+        for start in range(0, 8, 2):
+            x = torch.stack([d["pixel_values"] for d in data[start:start + 2]])
+            y = torch.stack([d["label"] for d in data[start:start + 2]])
+            optimizer.zero_grad()
+            F.cross_entropy(reference(x), y).backward()
+            grads = [p.grad.clone() for p in reference.parameters()]
+            norm = torch.sqrt(sum((g**2).sum() for g in grads))
+            steps = [0.2 * g / norm for g in grads]
+            buffers = {k: v.clone() for k, v in reference.named_buffers()}
+            with torch.no_grad():
+                for p, e in zip(reference.parameters(), steps):
+                    p.add_(e)
+            optimizer.zero_grad()
+            F.cross_entropy(reference(x), y).backward()
+            with torch.no_grad():
+                for p, e in zip(reference.parameters(), steps):
+                    p.sub_(e)
+                for k, v in reference.named_buffers():
+                    v.copy_(buffers[k])
+            optimizer.step()
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

@@ -1,7 +1,10 @@
 """Best-model saving: keep the top-k weights by a validation metric (the EMA weights when evaluation runs on them),
-export the best as `model_best.safetensors`, and record which step and value won in summary.json.
+export the best as `model_best.safetensors`, and record which step and value won in summary.json. With
+`evaluate_best` (the default) the test split is evaluated on the best weights too, reported as `test_best/*` beside
+the final weights' `test/*`.
 
-Hook: `epoch_end` (after the epoch's validation). The ranking is checkpointed, so a resumed run keeps it.
+Hooks: `epoch_end` (after the epoch's validation), `test_weights`. The ranking is checkpointed, so a resumed run keeps
+it.
 """
 
 from __future__ import annotations
@@ -11,9 +14,9 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from framework.backend import full_state_dict, main_process_decides
+from framework.backend import full_state_dict, main_process_decides, weights_swapped_in
 from framework.errors import ConfigError
 from framework.state import TrainState
 from framework.technique import Technique, register
@@ -33,10 +36,11 @@ def evaluated_weights(state: TrainState) -> dict[str, torch.Tensor]:
 class BestModel(Technique):
     """Keep the `top_k` best weights by `metric` under output_dir/best/, the best one as model_best.safetensors."""
 
-    def __init__(self, metric: str = "val/accuracy", mode: Literal["min", "max"] = "max", top_k: int = 1):
+    def __init__(self, metric: str = "val/accuracy", mode: Literal["min", "max"] = "max", top_k: int = 1,
+                 evaluate_best: bool = True):
         if top_k < 1:
             raise ConfigError(f"best_model.top_k must be at least 1, got {top_k}.")
-        self.metric, self.mode, self.top_k = metric, mode, top_k
+        self.metric, self.mode, self.top_k, self.evaluate_best = metric, mode, top_k, evaluate_best
         self.ranking: list[dict[str, Any]] = []  # best first: {"value", "step", "file"}
 
     def fit_start(self, state: TrainState) -> None:
@@ -67,6 +71,15 @@ class BestModel(Technique):
         shutil.copyfile(self.ranking[0]["file"], state.output_dir / "model_best.safetensors")
         state.summary["best_model"] = {"metric": self.metric, **self.ranking[0],
                                        "exported": str(state.output_dir / "model_best.safetensors")}
+
+    def test_weights(self, state: TrainState) -> dict[str, Any]:
+        """The best weights on the test split too, as test_best/* beside the final weights' test/*."""
+        path = state.output_dir / "model_best.safetensors"
+        if not (self.evaluate_best and main_process_decides(state.accelerator, bool(self.ranking))):
+            return {}
+        if state.accelerator.is_main_process:
+            state.summary["best_model"]["test_metrics"] = "test_best/*"
+        return {"test_best": weights_swapped_in(state.accelerator, state.model, load_file(path))}
 
     def state_dict(self) -> dict[str, Any]:
         return {"ranking": self.ranking}
