@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -49,6 +50,7 @@ CASES = {
                         lambda o, steps: lr_scheduler.CosineAnnealingWarmRestarts(o, 7, 2)),
     "onecycle": (OneCycleLR(), lambda o, steps: lr_scheduler.OneCycleLR(o, 1.0, total_steps=steps)),
 }
+ABSOLUTE = {"step", "multistep"}  # their drops fall at steps counted from the start of the run, warmup included
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -67,7 +69,10 @@ def test_warmup_is_linear_then_the_schedule_runs_on_the_remaining_steps(case):
                                       if k in type(technique).__init__.__code__.co_varnames},
                                    "warmup_steps": warmup})
     ours = schedule_lrs(technique, STEPS_PER_EPOCH, TOTAL)
-    main = torch_lrs(lambda o: reference(o, TOTAL - warmup), TOTAL - warmup)
+    if case in ABSOLUTE:  # drops at absolute steps: the warmup replaces the schedule's first steps
+        main = torch_lrs(lambda o: reference(o, TOTAL), TOTAL)[warmup:]
+    else:  # a curve of its own length, started after the warmup
+        main = torch_lrs(lambda o: reference(o, TOTAL - warmup), TOTAL - warmup)
     start = main[0]  # warmup ramps up to where the schedule starts
     assert ours[:warmup] == pytest.approx([start * (s + 1) / warmup for s in range(warmup)])
     assert ours[warmup:] == pytest.approx(main, abs=1e-9)
@@ -99,9 +104,11 @@ def test_plateau_reduces_like_torch_after_warmup():
 
 def test_schedules_are_checked_against_the_planned_run():
     with pytest.raises(ConfigError, match="warmup .60 steps. is not shorter than the whole run .60 steps"):
-        schedule_lrs(CosineLR(warmup_epochs=6), STEPS_PER_EPOCH, TOTAL)
+        schedule_lrs(CosineLR(warmup_steps=60), STEPS_PER_EPOCH, TOTAL)  # in epochs it would shrink (below)
     with pytest.warns(UserWarning, match=r"milestones \[70\]"):
         schedule_lrs(MultiStepLR(milestones_steps=[30, 70]), STEPS_PER_EPOCH, TOTAL)
+    with pytest.warns(UserWarning, match=r"milestones \[60\] \(steps from the start of the run\)"):
+        schedule_lrs(MultiStepLR(milestones_steps=[30, 60], warmup_steps=8), STEPS_PER_EPOCH, TOTAL)
     with pytest.raises(ConfigError, match="total_steps=50 is shorter than the run"):
         schedule_lrs(OneCycleLR(total_steps=50), STEPS_PER_EPOCH, TOTAL)
     with pytest.raises(ConfigError, match="step_size_steps or step_size_epochs"):
@@ -248,3 +255,121 @@ def test_schedule_lrs_previews_a_scaled_group_with_its_own_floor():
     lrs = schedule_lrs(CosineLR(eta_min=0.004), STEPS_PER_EPOCH, TOTAL, base_lr=0.0025, lr_scale=0.25)
     assert lrs[0] == pytest.approx(0.0025) and lrs[-1] == pytest.approx(0.001, rel=1e-2)
     assert min(lrs) >= 0.001 - 1e-12
+
+
+SHRINK_WARNING = (r"^cosine_lr: warmup_epochs=1 is 50 steps, not shorter than this run \(20 steps\); warming up over "
+                  r"2 steps instead \(10% of the run\)$")
+
+
+def test_a_warmup_in_epochs_longer_than_the_run_shrinks_with_one_warning():
+    with pytest.warns(UserWarning) as caught:
+        lrs = schedule_lrs(CosineLR(warmup_epochs=1), steps_per_epoch=50, max_steps=20)  # --max_steps 20 < 1 epoch
+    assert len(caught) == 1 and re.match(SHRINK_WARNING, str(caught[0].message)), [str(w.message) for w in caught]
+    assert lrs[:2] == pytest.approx([0.5, 1.0])  # a linear ramp over the 2 steps it shrank to
+    cosine = torch_lrs(lambda o: lr_scheduler.CosineAnnealingLR(o, 18), 18)  # then the cosine over the 18 left
+    assert lrs[2:] == pytest.approx(cosine, abs=1e-9)
+
+
+@pytest.mark.parametrize("max_steps, warmup", [(2, 1), (9, 1), (20, 2), (39, 3), (1, 0)])
+def test_a_shrunk_warmup_is_a_tenth_of_the_run_at_least_one_step_and_shorter_than_it(max_steps, warmup):
+    with pytest.warns(UserWarning, match=f"warming up over {warmup} steps instead"):
+        lrs = schedule_lrs(StepLR(step_size_steps=1000, warmup_epochs=2), steps_per_epoch=50, max_steps=max_steps)
+    assert lrs == pytest.approx([(s + 1) / warmup for s in range(warmup)] + [1.0] * (max_steps - warmup))
+
+
+def test_a_warmup_in_steps_longer_than_the_run_stays_refused():
+    with pytest.raises(ConfigError, match=r"cosine_lr: warmup \(50 steps\) is not shorter than the whole run \(20 "):
+        schedule_lrs(CosineLR(warmup_steps=50), steps_per_epoch=50, max_steps=20)
+
+
+def test_a_fitting_warmup_in_epochs_is_kept_without_a_warning():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lrs = schedule_lrs(CosineLR(warmup_epochs=1), steps_per_epoch=10, max_steps=20)
+    assert lrs[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+
+
+def test_a_run_cut_short_trains_and_previews_the_same_shrunk_warmup(tmp_path):
+    from framework.technique import Technique
+    from test_loop import make_trainer
+
+    class LRs(Technique):  # the LR each optimizer step used
+        name = "lrs"
+
+        def __init__(self):
+            self.lrs = []
+
+        def before_optimizer_step(self, state):
+            self.lrs.append(state.optimizer.param_groups[0]["lr"])
+
+    recorder = LRs()  # 80 samples in batches of 2: 40 steps an epoch, a run of 20 steps
+    trainer = make_trainer(tmp_path / "run", [CosineLR(warmup_epochs=1), recorder], n=80, epochs=1, max_steps=20)
+    with pytest.warns(UserWarning, match="warmup_epochs=1 is 40 steps, not shorter than this run .20 steps.; "
+                                         "warming up over 2 steps instead"):
+        trainer.fit()
+    assert recorder.lrs[:2] == pytest.approx([0.05, 0.1])
+    preview = make_trainer(tmp_path / "preview", [CosineLR(warmup_epochs=1)], n=80, epochs=1, max_steps=20,
+                           preview_lr=True)
+    with pytest.warns(UserWarning, match="warming up over 2 steps instead"):
+        curve = preview.fit()["lrs"]["cosine_lr"]
+    assert curve == pytest.approx(recorder.lrs)
+
+
+def test_multistep_milestones_are_absolute_epochs():
+    lrs = schedule_lrs(MultiStepLR(milestones_epochs=[15, 25], warmup_epochs=3), steps_per_epoch=10, max_steps=300)
+    assert lrs[:30] == pytest.approx([(s + 1) / 30 for s in range(30)])
+    drops = [step for step in range(1, 300) if lrs[step] < lrs[step - 1] * 0.5]
+    assert drops == [150, 250]  # epochs 15 and 25 of the run, not 18 and 28
+    assert lrs[149] == pytest.approx(1.0) and lrs[150] == pytest.approx(0.1) and lrs[250] == pytest.approx(0.01)
+
+
+def test_step_lr_drops_at_absolute_multiples_of_its_step_size():
+    lrs = schedule_lrs(StepLR(step_size_epochs=10, warmup_epochs=3), steps_per_epoch=10, max_steps=300)
+    assert lrs[:30] == pytest.approx([(s + 1) / 30 for s in range(30)])
+    drops = [step for step in range(1, 300) if lrs[step] < lrs[step - 1] * 0.5]
+    assert drops == [100, 200]  # epochs 10 and 20 of the run, not 13 and 23
+    assert lrs[99] == pytest.approx(1.0) and lrs[100] == pytest.approx(0.1) and lrs[299] == pytest.approx(0.01)
+
+
+def test_a_milestone_at_the_end_of_the_warmup_drops_right_after_it():
+    lrs = schedule_lrs(MultiStepLR(milestones_steps=[5, 12], warmup_steps=5), steps_per_epoch=10, max_steps=20)
+    assert lrs[:6] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 0.1]) and lrs[12] == pytest.approx(0.01)
+    lrs = schedule_lrs(StepLR(step_size_steps=5, warmup_steps=5), steps_per_epoch=10, max_steps=20)
+    assert lrs[4:] == pytest.approx([1.0] + [0.1] * 5 + [0.01] * 5 + [0.001] * 5)
+
+
+def test_a_drop_inside_the_warmup_is_refused():
+    with pytest.raises(ConfigError, match=r"^multistep_lr: milestones \[10, 20\] \(steps from the start of the run\) "
+                                          r"fall inside the warmup \(30 steps\)"):
+        schedule_lrs(MultiStepLR(milestones_epochs=[1, 2, 5], warmup_epochs=3), STEPS_PER_EPOCH, TOTAL)
+    with pytest.raises(ConfigError, match=r"^step_lr: the first drop \(step 10 of the run\) falls inside the warmup "
+                                          r"\(30 steps\)"):
+        schedule_lrs(StepLR(step_size_epochs=1, warmup_epochs=3), STEPS_PER_EPOCH, TOTAL)
+
+
+def test_step_lr_with_warmup_resumes_at_the_same_lr():
+    from pathlib import Path
+
+    from framework.state import TrainState
+
+    def start(schedule):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        state = TrainState(None, None, optimizer, Path("."), steps_per_epoch=10, max_steps=60)
+        schedule.fit_start(state)
+        return state
+
+    first = StepLR(step_size_steps=10, gamma=0.5, warmup_steps=4)
+    state = start(first)
+    for step in range(1, 16):
+        state.optimizer.step(), setattr(state, "step", step), first.after_optimizer_step(state)
+    second = StepLR(step_size_steps=10, gamma=0.5, warmup_steps=4)
+    resumed = start(second)
+    second.load_state_dict(first.state_dict())
+    resumed.step = 15
+    lrs = []
+    for step in range(16, 31):
+        resumed.optimizer.step(), setattr(resumed, "step", step), second.after_optimizer_step(resumed)
+        lrs.append(resumed.optimizer.param_groups[0]["lr"])
+    assert lrs == pytest.approx(schedule_lrs(StepLR(step_size_steps=10, gamma=0.5, warmup_steps=4), 10, 60)[16:31])

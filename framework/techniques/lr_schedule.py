@@ -8,6 +8,13 @@ in `epoch_end`. Linear warmup (Goyal et al., https://arxiv.org/abs/1706.02677) r
 starts at (the optimizer's LR; for onecycle_lr its LR / div_factor): the LR of step s (0-based) is
 start · (s + 1) / warmup_steps, reaching it on the last warmup step.
 
+A warmup given in epochs that is not shorter than the run (a run cut short by `max_steps`: a smoke test) shrinks to
+`SHRUNK_WARMUP` of the run (at least 1 step, always shorter than the run) with one warning line; a warmup given in
+steps that does not fit is refused. Drops at step or epoch boundaries (step_lr's step size, multistep_lr's milestones)
+count from the start of the run, warmup included, as torch's schedulers would be used without one: milestones at
+epochs 15 and 25 drop there whatever the warmup; a drop inside the warmup is refused. Curves with a length of their
+own (cosine_lr's period, cosine_restarts_lr's cycles, onecycle_lr) start where the warmup ends.
+
 With several parameter groups (layerwise_lr) every group follows the same schedule from its own LR, and a floor
 (`eta_min`, `min_lr`) is the floor of the base group: a group with an `lr_scale` (its LR over the optimizer's) stops at
 floor × lr_scale, so the groups' LR ratios hold to the end (as timm's and BEiT's schedulers do). One schedule per run:
@@ -32,6 +39,8 @@ from framework.errors import ConfigError
 from framework.state import TrainState
 from framework.technique import Technique, register
 
+SHRUNK_WARMUP = 0.1  # a warmup in epochs longer than the run shrinks to this fraction of it
+
 
 def to_steps(steps: float | None, epochs: float | None, steps_per_epoch: int, name: str) -> int | None:
     """A period given in optimizer steps or in epochs, as optimizer steps (None when neither is given)."""
@@ -40,6 +49,11 @@ def to_steps(steps: float | None, epochs: float | None, steps_per_epoch: int, na
     if epochs is not None:
         return max(1, round(epochs * steps_per_epoch))
     return None if steps is None else int(steps)
+
+
+def on_main_process(state: TrainState) -> bool:
+    """Whether this rank reports (warnings): the main process, or a simulation without an accelerator."""
+    return state.accelerator is None or state.accelerator.is_main_process
 
 
 def group_floors(optimizer: torch.optim.Optimizer, floor: float) -> list[float]:
@@ -59,6 +73,17 @@ def cosine_factor(step: int, period: int, cycle_mult: int | None = None) -> floa
         while position >= length:  # log(step) / log(cycle_mult) cycles
             position, length = position - length, length * cycle_mult
     return 0.5 * (1.0 + math.cos(math.pi * position / length))
+
+
+class StepFactor:
+    """A LambdaLR factor: `gamma` to the number of whole `size`-step periods since the start of the run, for a
+    scheduler started `offset` steps into it (after the warmup): StepLR's curve at absolute step boundaries."""
+
+    def __init__(self, size: int, gamma: float, offset: int = 0):
+        self.size, self.gamma, self.offset = size, gamma, offset
+
+    def __call__(self, step: int) -> float:
+        return self.gamma ** ((step + self.offset) // self.size)
 
 
 class CosineFactor:
@@ -130,6 +155,13 @@ class LRSchedule(Technique):
 
     def fit_start(self, state: TrainState) -> None:
         self.warmup = to_steps(self.warmup_steps, self.warmup_epochs, state.steps_per_epoch, f"{self.name}.warmup") or 0
+        if self.warmup >= state.max_steps and self.warmup_epochs is not None:  # a short run (max_steps): shrink
+            shrunk = min(state.max_steps - 1, max(1, int(state.max_steps * SHRUNK_WARMUP)))
+            if on_main_process(state):  # fit_start runs on every rank
+                warnings.warn(f"{self.name}: warmup_epochs={self.warmup_epochs:g} is {self.warmup} steps, not shorter "
+                              f"than this run ({state.max_steps} steps); warming up over {shrunk} steps instead "
+                              f"({SHRUNK_WARMUP:.0%} of the run)", stacklevel=2)
+            self.warmup = shrunk
         if self.warmup >= state.max_steps:
             raise ConfigError(
                 f"{self.name}: warmup ({self.warmup} steps) is not shorter than the whole run ({state.max_steps} "
@@ -162,7 +194,9 @@ class LRSchedule(Technique):
 
 @register("step_lr")
 class StepLR(LRSchedule):
-    """Multiply the LR by `gamma` every `step_size_steps` optimizer steps (or `step_size_epochs` epochs)."""
+    """Multiply the LR by `gamma` every `step_size_steps` optimizer steps (or `step_size_epochs` epochs), counted from
+    the start of the run: with step_size_epochs 10 the LR drops at epochs 10, 20, 30, whatever the warmup. A step
+    size within the warmup (a drop before the warmup has ended) is refused."""
 
     example_args = {"step_size_epochs": 10}
 
@@ -175,12 +209,22 @@ class StepLR(LRSchedule):
 
     def build(self, optimizer, state, steps):
         size = to_steps(self.step_size_steps, self.step_size_epochs, state.steps_per_epoch, "step_lr.step_size")
-        return lr_scheduler.StepLR(optimizer, size, self.gamma)
+        if size < 1:
+            raise ConfigError(f"step_lr: the step size must be 1 step or more, got {size}.")
+        if not self.warmup:
+            return lr_scheduler.StepLR(optimizer, size, self.gamma)
+        if size < self.warmup:
+            raise ConfigError(f"step_lr: the first drop (step {size} of the run) falls inside the warmup "
+                              f"({self.warmup} steps); drops count from the start of the run: make the step size "
+                              "at least the warmup, or shorten the warmup.")
+        return lr_scheduler.LambdaLR(optimizer, StepFactor(size, self.gamma, self.warmup))  # boundaries from step 0
 
 
 @register("multistep_lr")
 class MultiStepLR(LRSchedule):
-    """Multiply the LR by `gamma` at each milestone (optimizer steps, or epochs; counted after the warmup)."""
+    """Multiply the LR by `gamma` at each milestone (optimizer steps, or epochs), counted from the start of the run:
+    milestones_epochs [15, 25] drop at epochs 15 and 25, whatever the warmup. A milestone inside the warmup is
+    refused; one at its end drops on the first step after it; one at or past the end of the run warns."""
 
     example_args = {"milestones_epochs": [15, 25]}
 
@@ -196,11 +240,17 @@ class MultiStepLR(LRSchedule):
             milestones = [to_steps(None, e, state.steps_per_epoch, "multistep_lr") for e in self.milestones_epochs]
         else:
             milestones = list(self.milestones_steps)
-        late = [m for m in milestones if m >= steps]
-        if late:
-            warnings.warn(f"multistep_lr: milestones {late} (steps after warmup) fall at or after the end of the "
-                          f"run ({steps} steps): they will never apply.")
-        return lr_scheduler.MultiStepLR(optimizer, milestones, self.gamma)
+        early = [m for m in milestones if m < self.warmup]
+        if early:
+            raise ConfigError(f"multistep_lr: milestones {early} (steps from the start of the run) fall inside the "
+                              f"warmup ({self.warmup} steps); move them after it or shorten the warmup.")
+        total = steps + self.warmup
+        late = [m for m in milestones if m >= total]
+        if late and on_main_process(state):
+            warnings.warn(f"multistep_lr: milestones {late} (steps from the start of the run) fall at or after the end "
+                          f"of the run ({total} steps): they will never apply.")
+        # the scheduler starts counting when the warmup ends
+        return lr_scheduler.MultiStepLR(optimizer, [m - self.warmup for m in milestones], self.gamma)
 
 
 @register("exponential_lr")
