@@ -3,7 +3,7 @@
     python recipes/x.py --config recipes/configs/x.yaml --epochs 3 --optimizer.lr 0.1 --techniques.ema.decay 0.99
 
 Unknown keys and wrong types are refused with the key named (exit status 2); `--print_config` prints the resolved
-config as YAML, which `--config` reads back unchanged.
+config as YAML, which `--config` reads back unchanged, as it does output_dir/config.yaml (`config_to_yaml`).
 """
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ import dataclasses
 import gc
 import os
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, TypeVar
 
 import yaml
 
+from framework.console import tell_launcher
 from framework.errors import ConfigError, FrameworkError
 
 C = TypeVar("C")
@@ -74,6 +76,9 @@ class TrainerConfig:
     """Debug: train on the first N batches only (same ones every epoch) and report whether the loss nears zero."""
     detect_anomaly: bool = False
     """Debug: torch.autograd's anomaly detection (names the forward op whose backward made a NaN; slow)."""
+    evaluate_only: bool = False
+    """Train nothing: load output_dir/model.safetensors (a finished run's weights), evaluate the validation and test
+    splits, print the metrics and write output_dir/evaluation.json."""
     deterministic: bool = False
     """Deterministic kernels only (torch.use_deterministic_algorithms, cuDNN deterministic, CUBLAS_WORKSPACE_CONFIG):
     the same run twice gives bitwise-equal weights, at some speed. Off: cuDNN autotunes its kernels on CUDA."""
@@ -105,16 +110,20 @@ def parse_config(config_class: type[C], args: Sequence[str] | None = None) -> C:
     would replace the technique's whole argument mapping). Technique names and arguments are validated here too,
     so every config error comes before any work starts.
     """
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
     from framework.technique import build_techniques, lock_down_parsing, refuse_code
 
     lock_down_parsing()  # a config is data: values that name Python code are never imported or called
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # --help shows each field's docstring
     parser = ArgumentParser(
-        prog=os.path.basename(sys.argv[0]), description=config_class.__doc__, exit_on_error=True, allow_abbrev=False
+        prog=os.path.basename(sys.argv[0]), description=config_class.__doc__, exit_on_error=True, allow_abbrev=False,
+        formatter_class=_help_formatter(),
     )
-    parser.add_argument("--config", action=ActionConfigFile, help="A YAML file with any of the options below.")
+    parser.add_argument("--config", action=ActionConfigFile, help="A YAML file with any of the options below "
+                        "(e.g. a run's output_dir/config.yaml, or what --print_config printed).")
     parser.add_class_arguments(config_class)
+    _explain_help(parser, config_class)
     args = list(sys.argv[1:] if args is None else args)
     print_config = "--print_config" in args  # handled here, so that it shows the technique overrides too
     args = [arg for arg in args if arg != "--print_config"]
@@ -143,6 +152,58 @@ def parse_config(config_class: type[C], args: Sequence[str] | None = None) -> C:
     except ConfigError as error:
         parser.error(str(error))
     return config
+
+
+def _help_formatter() -> type:
+    """jsonargparse's help formatter, keeping the line breaks of `--techniques`'s help (one technique a line)."""
+    import textwrap
+
+    from jsonargparse import DefaultHelpFormatter
+
+    class HelpFormatter(DefaultHelpFormatter):
+        keep_lines = False
+
+        def _format_action(self, action: Any) -> str:
+            self.keep_lines = action.dest == "techniques"
+            return super()._format_action(action)
+
+        def _split_lines(self, text: str, width: int) -> list[str]:
+            if not self.keep_lines:
+                return super()._split_lines(text, width)
+            lines = []
+            for line in text.splitlines():  # an indented line (a technique) continues 2 spaces further in
+                indent = line[:len(line) - len(line.lstrip())]
+                lines += textwrap.wrap(line, width, subsequent_indent=indent + "  " if indent else "") or [""]
+            return lines
+
+    return HelpFormatter
+
+
+def _explain_help(parser: Any, config_class: type) -> None:
+    """Readable `--help`: nested config groups titled by their class docstring (not the dataclass's generated
+    signature), and `--techniques` listing every registered technique with the first sentence of its docstring."""
+    import framework.techniques  # noqa: F401  (registers the built-in techniques)
+    from framework.technique import TECHNIQUES
+
+    try:
+        hints = typing.get_type_hints(config_class)
+    except Exception:  # a hint that does not resolve here: keep jsonargparse's titles
+        hints = {}
+    for key, group in getattr(parser, "groups", {}).items():
+        cls = hints.get(key)
+        if dataclasses.is_dataclass(cls) and str(group.title).startswith(f"{cls.__name__}("):
+            group.title = f"{cls.__name__} (--{key}.*)"  # a dataclass without a docstring of its own
+    for action in parser._actions:
+        if action.dest == "techniques":
+            lines = [f"  {name}: {_first_sentence(cls.__doc__)}" for name, cls in TECHNIQUES.items()]
+            action.help = " ".join((action.help or "").split()) + "\nRegistered techniques:\n" + "\n".join(lines)
+
+
+def _first_sentence(doc: str | None) -> str:
+    """The first sentence of a docstring's first paragraph, on one line."""
+    paragraph = " ".join((doc or "").strip().split("\n\n")[0].split())
+    end = paragraph.find(". ")
+    return paragraph if end < 0 else paragraph[:end + 1]
 
 
 def _config_files(args: Sequence[str]) -> list[str]:
@@ -225,12 +286,30 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def config_to_yaml(config: Any) -> str:
+    """The resolved config as nested YAML that `--config` reads back to an equal config: output_dir/config.yaml.
+
+    Tuples are written as lists, None as null, and the techniques mapping as it is (in hook order).
+    """
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {item.name: plain(getattr(value, item.name)) for item in dataclasses.fields(value)}
+        if isinstance(value, dict):
+            return {key: plain(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(item) for item in value]
+        return value
+
+    return yaml.safe_dump(plain(config), sort_keys=False, allow_unicode=True)
+
+
 def run_main(main: Callable[[], Any]) -> None:
     """Run a recipe's `main`, turning a `FrameworkError` into one line on stderr and exit status 2 (no traceback)."""
     try:
         main()
     except FrameworkError as error:
         if os.environ.get("RANK", "0") == "0":
+            tell_launcher(f"error: {error}")  # torchrun's failure report then ends with it (framework/console.py)
             print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     # Free the finished run (a DeepSpeed engine holds gloo work handles in reference cycles) while the interpreter

@@ -43,6 +43,8 @@ def weight_decay_groups(parameters: nn.Module | Iterable[torch.Tensor], weight_d
 
 @dataclass
 class OptimizerConfig:
+    """Optimizer: AdamW (or SGD with Nesterov momentum), its peak LR and weight decay."""
+
     name: Literal["adamw", "sgd"] = "adamw"
     lr: float = 0.01
     """Peak learning rate."""

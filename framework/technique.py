@@ -265,4 +265,10 @@ def _validated_arguments(prefix: str, cls: type, args: dict[str, Any]) -> dict[s
         namespace = parser.parse_object(args)
     except Exception as error:  # jsonargparse raises its ArgumentError; its message names the key
         raise ConfigError(f"{prefix}: {str(error).strip()}") from None
+    defaults = inspect.signature(cls).parameters
+    for key in args:  # jsonargparse lets null through for a typed argument; the constructor would then fail
+        if args[key] is None and namespace.get(key) is None and defaults[key].default is not None \
+                and "None" not in str(defaults[key].annotation) and "Optional" not in str(defaults[key].annotation):
+            raise ConfigError(f"{prefix}.{key}: null is not a value of this argument; leave it out for its default "
+                              f"{defaults[key].default!r}.")
     return {key: namespace[key] for key in known if key in namespace and key in args}

@@ -1,16 +1,20 @@
 """Image classification: a small ResNet on the embedded handwritten digits (or any image data set).
 
     accelerate launch --config_file launch_configs/cpu.yaml recipes/image_classification.py \
-        --config recipes/configs/image_classification.yaml [--epochs 5] [--techniques.ema.decay 0.99]
+        [--config recipes/configs/image_classification.yaml] [--epochs 5] [--techniques.ema.decay 0.99]
+
+With no --config the run is exactly recipes/configs/image_classification.yaml's: the config's defaults equal it.
 """
 
 from dataclasses import dataclass, field, replace
+from typing import Any, Optional
 
 import torch
 
 from framework.config import TrainerConfig, parse_config, run_main
 from framework.data import ImageDataConfig, image_data
 from framework.loop import Trainer
+from framework.models import model_description
 from framework.models.resnet import ResNet, ResNetConfig
 from framework.optim import OptimizerConfig
 from framework.task import ClassificationTask
@@ -25,17 +29,28 @@ class ImageClassificationConfig(TrainerConfig):
     data: ImageDataConfig = field(default_factory=ImageDataConfig)
     model: ResNetConfig = field(default_factory=ResNetConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    techniques: dict[str, Optional[dict[str, Any]]] = field(default_factory=lambda: {
+        "label_smoothing": {"epsilon": 0.1},
+        "cosine_lr": {"warmup_epochs": 1},
+        "gradient_clipping": {"max_norm": 2.0},
+        "ema": {"decay": 0.99, "warmup": True},
+    })
 
 
 def main(args: list[str] | None = None) -> Trainer:
     config = parse_config(ImageClassificationConfig, args)
     torch.manual_seed(config.seed)  # the same initial weights on every rank and every run
     data = image_data(config.data, seed=config.seed)
-    # Channels and classes come from the data, so the same recipe serves the digits, CIFAR-10 or your folder.
-    model = ResNet(replace(config.model, in_channels=data.channels, num_classes=data.num_classes))
+    # Channels and classes come from the data, so the same recipe serves the digits, CIFAR-10 or your folder; the
+    # config keeps them, so output_dir/config.yaml rebuilds this model.
+    config.model = replace(config.model, in_channels=data.channels, num_classes=data.num_classes)
+    model = ResNet(config.model)
     trainer = Trainer(config, model, config.optimizer.build(model), ClassificationTask(data.num_classes),
                       data.loaders["train"], data.loaders["validation"], data.loaders["test"],
-                      pictures={"augmentations": data.draw_augmentations} if config.data.augment else None)
+                      pictures={"augmentations": data.draw_augmentations} if config.data.augment else None,
+                      # what `python -m framework.predict` needs beside the weights
+                      inference_files={"model.json": model_description(model, config.model),
+                                       "preprocessor.json": data.preprocessor()})
     trainer.fit()
     return trainer
 

@@ -1,8 +1,11 @@
 """Draw every LR schedule, with and without linear warmup, side by side on one figure (no training).
 
-    python recipes/lr_schedules.py [--epochs 30] [--warmup_epochs 3] [--output outputs/lr_schedules.png]
+    python recipes/lr_schedules.py [--epochs 30] [--warmup_epochs 3] [--output_dir outputs/lr_schedules]
+
+Writes output_dir/lr_schedules.png.
 """
 
+import os
 from dataclasses import dataclass
 
 from framework.config import parse_config, run_main
@@ -23,10 +26,14 @@ from framework.techniques import (
 class LRSchedulesConfig:
     """Draw all LR schedules."""
 
-    output: str = "outputs/lr_schedules.png"
+    output_dir: str = "outputs/lr_schedules"
+    """The figure is written to output_dir/lr_schedules.png."""
     epochs: int = 30
+    """Length of the drawn run in epochs."""
     steps_per_epoch: int = 20
+    """Optimizer steps per epoch of the drawn run."""
     warmup_epochs: float = 3.0
+    """Epochs of linear warmup in the second curve of each panel (the first has none)."""
     lr: float = 0.1
     """The optimizer's (peak) learning rate."""
 
@@ -58,7 +65,8 @@ def main() -> None:
             f"{config.warmup_epochs:g} warmup epochs": schedule_lrs(warmed, config.steps_per_epoch, total, config.lr,
                                                                    validation_loss),
         }
-    print(f"wrote {plot_lr_curves(panels, config.output, config.steps_per_epoch)}")
+    output = os.path.join(config.output_dir, "lr_schedules.png")
+    print(f"wrote {plot_lr_curves(panels, output, config.steps_per_epoch)}")
 
 
 if __name__ == "__main__":

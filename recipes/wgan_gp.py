@@ -1,7 +1,9 @@
 """WGAN-GP (Gulrajani et al. 2017): a DCGAN-style generator learns the embedded handwritten digits (or any image
 data set) against a critic kept 1-Lipschitz by the gradient penalty.
 
-    accelerate launch --config_file launch_configs/cpu.yaml recipes/wgan_gp.py --config recipes/configs/wgan_gp.yaml
+    accelerate launch --config_file launch_configs/cpu.yaml recipes/wgan_gp.py [--config recipes/configs/wgan_gp.yaml]
+
+With no --config the run is exactly recipes/configs/wgan_gp.yaml's (gradient penalty and sample grids included).
 
 Each step is one critic update; every n_critic-th also one generator update (`WGANTask` owns the step; the loop's
 accelerator, trackers, checkpoints, schedules and techniques do the rest). Writes samples.png (fixed noise), logs
@@ -10,6 +12,7 @@ real digits scores the samples (samples/confident, samples/class_spread).
 """
 
 from dataclasses import dataclass, field, replace
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -38,13 +41,19 @@ class WGANGPConfig(TrainerConfig):
     model: DCGANConfig = field(default_factory=DCGANConfig)
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-4, weight_decay=0.0,
                                                                                betas=(0.0, 0.9)))
+    techniques: dict[str, Optional[dict[str, Any]]] = field(default_factory=lambda: {
+        "gradient_penalty": {"weight": 10.0},
+        "gan_samples": {"every": 500},
+    })
 
 
 def main(args: list[str] | None = None) -> Trainer:
     config = parse_config(WGANGPConfig, args)
     torch.manual_seed(config.seed)  # the same initial weights on every rank and every run
     data = image_data(config.data, seed=config.seed)
-    gan = WGAN(replace(config.model, image_size=config.data.image_size, channels=data.channels), data.mean, data.std)
+    # The image size and channels come from the data; the config keeps them, so output_dir/config.yaml rebuilds it.
+    config.model = replace(config.model, image_size=config.data.image_size, channels=data.channels)
+    gan = WGAN(config.model, data.mean, data.std)
     judge = None
     if config.judge:
         batches = list(data.loaders["train"])

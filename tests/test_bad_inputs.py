@@ -32,7 +32,7 @@ from helpers import ROOT, launch_environment
 RUN_NUMBERS = itertools.count()
 #: A run small enough to reach its first step in about a second.
 TINY = ["--tracker", "none", "--doctor", "false", "--max_steps", "2", "--data.batch_size", "8",
-        "--data.image_size", "8", "--model.widths", "[4]"]
+        "--data.image_size", "8", "--model.widths", "[4]", "--techniques", "{}"]
 
 
 @functools.cache
@@ -49,7 +49,7 @@ def run(name: str, *args: str) -> Callable[[Path], Callable[[], object]]:
     output_dir unless the row gives its own."""
     def make(files: Path) -> Callable[[], object]:
         argv = ["--output_dir", str(files / "runs" / str(next(RUN_NUMBERS)))]
-        return lambda: recipe(name).main(argv + [arg.format(files=files) for arg in args])
+        return lambda: recipe(name).main(argv + [arg.format(files=files) if "{files}" in arg else arg for arg in args])
     return make
 
 
@@ -209,7 +209,7 @@ def test_skip_unreadable_trains_without_them_and_counts_them(files):
 ], ids=["os.system YAML", "corrupt image"])
 def test_a_real_process_exits_2_with_one_error_line(files, args, expected):
     command = [sys.executable, str(ROOT / "recipes" / "image_classification.py"),
-               "--output_dir", str(files / "runs" / "subprocess"), *[arg.format(files=files) for arg in args]]
+               "--output_dir", str(files / "runs" / "subprocess"), *[arg.format(files=files) if "{files}" in arg else arg for arg in args]]
     result = subprocess.run(command, cwd=ROOT, env=launch_environment(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr

@@ -173,8 +173,8 @@ def test_lr_schedules_recipe_draws_every_schedule(tmp_path):
 
     from PIL import Image
 
-    output = tmp_path / "schedules.png"
-    subprocess.run([sys.executable, str(ROOT / "recipes" / "lr_schedules.py"), "--output", str(output)],
+    output = tmp_path / "lr_schedules.png"
+    subprocess.run([sys.executable, str(ROOT / "recipes" / "lr_schedules.py"), "--output_dir", str(tmp_path)],
                    check=True, cwd=ROOT, capture_output=True)
     width, height = Image.open(output).size
     assert width > 1500 and height > 600  # 4 × 2 panels: the seven schedules, each with and without warmup

@@ -27,6 +27,8 @@ from framework.errors import ConfigError
 
 @dataclass
 class ImageDataConfig:
+    """Image data: source, splits, image size, augmentation and loaders."""
+
     name: str = "digits"
     """Source: `digits` (embedded: scikit-learn's handwritten digits), a hub id (`cifar10`), a local folder (one
     sub-folder per class, or a `save_to_disk` folder) or data files (`train/*.parquet`, `labels.csv`)."""
@@ -127,6 +129,11 @@ class ImageData:
     def channels(self) -> int:
         return 1 if self.mode == "L" else 3
 
+    def preprocessor(self) -> dict[str, Any]:
+        """Class names and how evaluation reads an image (a run's preprocessor.json; see `preprocess_images`)."""
+        return {"class_names": self.class_names, "image_mode": self.mode, "image_size": self.config.image_size,
+                "eval_crop_fraction": self.config.eval_crop_fraction, "mean": self.mean, "std": self.std}
+
     def draw_augmentations(self, path: str | Path, samples: int = 8, versions: int = 6) -> Path:
         """A grid: each row one training image, at evaluation (left) then as `versions` augmented draws."""
         from framework.plots import plot_image_grid
@@ -141,9 +148,17 @@ class ImageData:
         return plot_image_grid(rows, ["evaluation"] + [f"augmented {i + 1}" for i in range(versions)], path)
 
 
+def preprocess_images(preprocessor: dict[str, Any], images: list[Any]) -> torch.Tensor:
+    """PIL images -> the (N, C, H, W) batch a run's model saw at evaluation (mode, resize, crop, normalisation)."""
+    pipeline = eval_pipeline(preprocessor["image_size"], preprocessor["mean"], preprocessor["std"],
+                             preprocessor["eval_crop_fraction"])
+    return torch.stack([pipeline(image.convert(preprocessor["image_mode"])) for image in images])
+
+
 def image_data(config: ImageDataConfig, seed: int = 0) -> ImageData:
     """Load `config.name`, split it, and build the DataLoaders yielding {"pixel_values": (B, C, H, W) float,
-    "label": (B,) long}. The training loader shuffles with `seed`; its image size can follow a schedule."""
+    "label": (B,) long}. The training loader shuffles with `seed`; each training sample's augmentation is drawn from
+    (`seed`, epoch, sample index), so a resumed run sees the same images; its image size can follow a schedule."""
     loaded = load_source(config.name, config.subset)
     sample = loaded["train"]
     image_column = find_column(sample, config.image_column, datasets.Image, ("image", "img"), "image",

@@ -22,6 +22,8 @@ END_OF_DOCUMENT = 0  # a byte that UTF-8 text does not contain
 
 @dataclass
 class TextDataConfig:
+    """Text data: source, splits, context length and loaders."""
+
     name: str = "stdlib"
     """Source: `stdlib` (embedded: the Python standard library's own source files), a hub id (`wikitext`), a local
     folder or text files (`corpus/*.txt`, one document per file), or parquet/CSV/JSON files with a text column."""

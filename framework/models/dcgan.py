@@ -20,6 +20,8 @@ from framework.errors import ConfigError
 
 @dataclass
 class DCGANConfig:
+    """DCGAN generator and critic: noise size and width (image size and channels come from the data)."""
+
     noise_dim: int = 64
     """Size of the generator's input noise vector."""
     width: int = 32

@@ -23,6 +23,8 @@ from framework.nn.drop_path import DropPath
 
 @dataclass
 class GPTConfig:
+    """GPT: layers, heads, width and attention (vocabulary and context come from the data)."""
+
     vocab_size: int = 256
     """256 for bytes."""
     context_length: int = 256

@@ -17,6 +17,8 @@ from framework.nn.drop_path import DropPath
 
 @dataclass
 class ResNetConfig:
+    """ResNet: stage widths and blocks (channels and classes come from the data)."""
+
     in_channels: int = 1
     """Image channels (1 for grayscale digits, 3 for RGB; the image recipe sets it from the data)."""
     num_classes: int = 10
