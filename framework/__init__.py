@@ -1,5 +1,7 @@
 """Every well-known training trick as a composable plug-in on one Hugging Face Accelerate loop."""
 
+# First: silences the known-harmless library messages (listed in framework/console.py) before any library can print.
+import framework.console  # noqa: F401  isort: skip
 from framework.config import TrainerConfig, parse_config, run_main
 from framework.errors import ConfigError, FrameworkError, IncompatibleError, LaunchError
 from framework.loop import Trainer

@@ -104,6 +104,13 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "false").lower() in ("true", "1", "yes")
 
 
+def requested_gpus() -> str | None:
+    """The GPU ids the launch asked for, or None. accelerate launch passes a launch config's `gpu_ids` (or
+    `--gpu_ids`) as CUDA_VISIBLE_DEVICES, except `gpu_ids: all`; an empty value or -1 hides every GPU on purpose."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    return visible if visible and not visible.startswith("-") else None
+
+
 def check_launch_environment() -> None:
     """Refuse, before accelerate builds anything, launch configs that would silently run differently here."""
     if torch.cuda.is_available():
@@ -114,6 +121,15 @@ def check_launch_environment() -> None:
         raise LaunchError(
             "FSDP needs GPUs; on CPU accelerate would silently train unsharded. Use launch_configs/multi_cpu.yaml, "
             "or launch_configs/deepspeed_zero3.yaml to shard parameters on CPU."
+        )
+    gpus = requested_gpus()
+    if gpus is not None and not _env_flag("ACCELERATE_USE_CPU"):  # single_gpu.yaml; cpu.yaml sets use_cpu: true
+        plural = "s" if "," in gpus else ""
+        raise LaunchError(
+            f"the launch config asks for GPU{plural} {gpus} but torch finds no GPU here "
+            f"(gpu_ids: '{gpus}', passed as CUDA_VISIBLE_DEVICES); accelerate would silently train on the CPU. "
+            "Use launch_configs/cpu.yaml (or multi_cpu.yaml for several CPU processes), or check `nvidia-smi` and "
+            "that torch was built with CUDA."
         )
 
 
@@ -209,6 +225,13 @@ def weights_swapped_in(accelerator: Accelerator, model: torch.nn.Module,
             gathered = [p for p in parameters if p.ds_status == ZeroParamStatus.AVAILABLE]
             if gathered:
                 gathered[0].partition(param_list=gathered)
+
+
+def weights_finite(accelerator: Accelerator, model: torch.nn.Module) -> bool:
+    """True when every weight is finite on every rank (ZeRO-3: each rank checks its shards). One host read."""
+    local = [getattr(p, "ds_tensor", p).detach() for p in accelerator.unwrap_model(model).parameters()]
+    flag = torch.stack([torch.isfinite(t).all() for t in local]).all().float().reshape(1).to(accelerator.device)
+    return bool(accelerator.gather(flag).min().item())
 
 
 def main_process_decides(accelerator: Accelerator, decision: bool) -> bool:

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from accelerate.commands.config.config_args import load_config_from_file
 
+from framework.backend import check_launch_environment
 from framework.checkpoint import MARKER, check_resumable
 from framework.compat import LAUNCH_BACKENDS, compatibility_table
-from framework.errors import ConfigError
+from framework.errors import ConfigError, LaunchError
 from framework.technique import Backend
-from helpers import ROOT, launch
+from helpers import ROOT, launch, launch_environment
 
 RECIPE = ROOT / "recipes" / "image_classification.py"
 CONFIG = ("--config", str(ROOT / "recipes" / "configs" / "image_classification.yaml"))
@@ -39,6 +42,56 @@ def test_fsdp_on_cpu_is_refused(tmp_path):
     result = launch(RECIPE, *CONFIG, "--output_dir", str(tmp_path), "--tracker", "none", launch_config="fsdp.yaml",
                     launcher_args=("--num_processes", "1"))
     assert "FSDP needs GPUs" in refused(result)
+
+
+SINGLE_GPU_ON_CPU = "asks for GPU 0 but torch finds no GPU here"
+
+
+@pytest.mark.skipif(not CPU_ONLY, reason="the refusal is for machines without a GPU")
+def test_single_gpu_on_cpu_is_refused(tmp_path):
+    result = launch(RECIPE, *CONFIG, "--output_dir", str(tmp_path), "--tracker", "none", launch_config="single_gpu.yaml")
+    error = refused(result)
+    assert SINGLE_GPU_ON_CPU in error and "launch_configs/cpu.yaml" in error
+    assert [line.startswith("error: ") for line in error.splitlines()].count(True) == 1  # once, not once per rank
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.skipif(not CPU_ONLY, reason="the refusal is for machines without a GPU")
+def test_single_gpu_refusal_is_one_line_and_exit_status_2(tmp_path):
+    """What accelerate launch passes for single_gpu.yaml (gpu_ids '0', use_cpu false), without the launcher."""
+    env = launch_environment({"CUDA_VISIBLE_DEVICES": "0", "ACCELERATE_USE_CPU": "False",
+                              "ACCELERATE_MIXED_PRECISION": "no"})
+    result = subprocess.run([sys.executable, str(RECIPE), *CONFIG, "--output_dir", str(tmp_path), "--tracker", "none"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and SINGLE_GPU_ON_CPU in lines[0], result.stderr
+
+
+@pytest.mark.skipif(not CPU_ONLY, reason="the refusal is for machines without a GPU")
+@pytest.mark.parametrize("env, refused_with", [
+    ({"ACCELERATE_USE_CPU": "False", "CUDA_VISIBLE_DEVICES": "0"}, SINGLE_GPU_ON_CPU),  # single_gpu.yaml
+    ({"ACCELERATE_USE_CPU": "False", "CUDA_VISIBLE_DEVICES": "0,1"}, "asks for GPUs 0,1"),  # --gpu_ids 0,1
+    ({"ACCELERATE_USE_CPU": "False", "CUDA_VISIBLE_DEVICES": "0", "ACCELERATE_MIXED_PRECISION": "fp16"},
+     "fp16 mixed precision needs a GPU"),  # fp16.yaml: the fp16 message comes first
+    ({"ACCELERATE_USE_CPU": "True"}, None),  # cpu.yaml
+    ({"ACCELERATE_USE_CPU": "True", "CUDA_VISIBLE_DEVICES": "0"}, None),  # single_gpu.yaml with --cpu: asked for
+    ({"ACCELERATE_USE_CPU": "False"}, None),  # bf16.yaml, multi_cpu.yaml (gpu_ids: all), DeepSpeed configs
+    ({"ACCELERATE_USE_CPU": "False", "CUDA_VISIBLE_DEVICES": ""}, None),  # GPUs hidden on purpose
+    ({"ACCELERATE_USE_CPU": "False", "CUDA_VISIBLE_DEVICES": "-1"}, None),
+    ({}, None),  # python recipes/x.py, no launcher
+])
+def test_launch_environment_refusals(monkeypatch, env, refused_with):
+    for name in ("ACCELERATE_USE_CPU", "CUDA_VISIBLE_DEVICES", "ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_FSDP"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    if refused_with is None:
+        check_launch_environment()
+    else:
+        with pytest.raises(LaunchError, match=refused_with) as error:
+            check_launch_environment()
+        assert "\n" not in str(error.value)
 
 
 def test_deepspeed_config_contradicting_the_recipe_is_refused(tmp_path):
