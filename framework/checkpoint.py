@@ -3,12 +3,18 @@
 Layout: `output_dir/checkpoints/step_00000123/` holding accelerate's files plus a `COMPLETE` marker. A checkpoint
 is written to a hidden temporary directory, flushed to disk, marked, then renamed into place, so a crash while
 saving never leaves a half-written directory that `latest` would pick.
+
+The marker is the checkpoint's manifest: the step, the backend that wrote it, whether its weights were finite, and
+every file's size and SHA-256. A resume verifies them: `latest` skips a damaged checkpoint (random bytes on disk, a
+truncated or missing file) with a warning naming the file and takes the one before; retention always keeps the
+newest checkpoint whose weights were finite, whatever `keep_checkpoints` says.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import pickle
@@ -34,10 +40,43 @@ def checkpoint_root(output_dir: str | os.PathLike) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def _fsync_tree(path: Path) -> None:
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+def _flush_and_list(path: Path) -> dict[str, dict[str, Any]]:
+    """fsync every file under `path` and return its manifest: relative path -> size and SHA-256."""
+    files = {}
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name != MARKER):
+        digest = hashlib.sha256()
         with open(file, "rb") as handle:
             os.fsync(handle.fileno())
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        files[str(file.relative_to(path))] = {"size": file.stat().st_size, "sha256": digest.hexdigest()}
+    return files
+
+
+def read_marker(path: Path) -> dict[str, Any]:
+    return json.loads((path / MARKER).read_text())
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with checkpoint `path` against its manifest (None: intact, or written before manifests)."""
+    try:
+        files = read_marker(path).get("files")
+    except (OSError, ValueError) as error:
+        return f"its {MARKER} marker cannot be read ({error})"
+    for name, expected in (files or {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        if size != expected["size"]:
+            return f"{name} has {size} bytes, the manifest {expected['size']} (truncated or overwritten)"
+        digest = hashlib.sha256()
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        if digest.hexdigest() != expected["sha256"]:
+            return f"{name} does not match its checksum (its bytes changed on disk)"
+    return None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -78,10 +117,12 @@ def clear_run(output_dir: str | os.PathLike) -> None:
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, step: int, keep: int,
-                    backend: Backend | None = None) -> Path:
-    """Save the full training state for `step` on every rank; keep the newest `keep` checkpoints. Returns the path.
+                    backend: Backend | None = None, finite: bool = True) -> Path:
+    """Save the full training state for `step` on every rank; keep the newest `keep` checkpoints, and the newest
+    one with finite weights. Returns the path.
 
-    The marker records the backend that wrote it, so a resume on an incompatible one is refused with the fix.
+    The marker records the backend that wrote it (a resume on an incompatible one is refused with the fix), whether
+    the weights were `finite`, and the manifest of the files.
     """
     root = checkpoint_root(output_dir)
     final = root / f"step_{step:08d}"
@@ -93,16 +134,21 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, ste
     accelerator.save_state(str(temporary))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _fsync_tree(temporary)
+        files = _flush_and_list(temporary)
         with open(temporary / MARKER, "w") as marker:
-            marker.write(json.dumps({"step": step, "backend": dataclasses.asdict(backend or Backend())}) + "\n")
+            marker.write(json.dumps({"step": step, "backend": dataclasses.asdict(backend or Backend()),
+                                     "finite": finite, "files": files}) + "\n")
             marker.flush()
             os.fsync(marker.fileno())
         if final.exists():
             shutil.rmtree(final)
         os.rename(temporary, final)
         _fsync_dir(root)
-        for old in completed_checkpoints(output_dir)[:-keep]:
+        checkpoints = completed_checkpoints(output_dir)
+        healthy = [path for path in checkpoints if read_marker(path).get("finite", True)]
+        for old in checkpoints[:-keep]:
+            if healthy and old == healthy[-1]:
+                continue  # never pruned for checkpoints of a run that has gone non-finite since
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
@@ -135,8 +181,8 @@ def check_resumable(path: Path, backend: Backend) -> None:
     runs = f"DeepSpeed ZeRO-{now} on {backend.num_processes} processes" if now else "a run without DeepSpeed"
     fix = "resume with the launch config that wrote it"
     if was is not None:
-        fix += (f", or start a new run from its consolidated weights (`python {path}/zero_to_fp32.py {path} DIR "
-                "--safe_serialization`, or the run's model.safetensors)")
+        fix += (f", or start a new run from its consolidated weights (`python -m framework.checkpoint consolidate "
+                f"{path} DIR` writes DIR/model.safetensors; or the run's model.safetensors)")
     raise ConfigError(f"checkpoint {path} was written by {wrote} and cannot be loaded by {runs}: {fix}.")
 
 
@@ -154,15 +200,39 @@ def resolve_resume(resume_from: str | None, output_dir: str | os.PathLike, overw
             )
         return None
     if resume_from == "latest":
-        checkpoints = completed_checkpoints(output_dir)
-        return checkpoints[-1] if checkpoints else None
+        return newest_healthy_checkpoint(output_dir)
     path = Path(resume_from)
     if not (path / MARKER).is_file():
         raise ConfigError(
             f"resume_from: {path} is not a complete checkpoint (no {MARKER} marker). "
             f"Pass a directory under {checkpoint_root(output_dir)} or `latest`."
         )
+    problem = damage(path)
+    if problem:
+        raise ConfigError(f"resume_from: checkpoint {path} is damaged: {problem}. Pass an earlier checkpoint under "
+                          f"{checkpoint_root(output_dir)}, or `latest` (which skips damaged ones).")
     return path
+
+
+def newest_healthy_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest intact checkpoint, preferring one with finite weights; None when there is no checkpoint at all.
+    Each one skipped is named in a warning; an error when checkpoints exist but none is intact."""
+    checkpoints = completed_checkpoints(output_dir)
+    intact = []
+    for path in reversed(checkpoints):
+        problem = damage(path)
+        if problem:
+            warnings.warn(f"checkpoint {path} is damaged: {problem}; falling back to the one before it", stacklevel=2)
+        else:
+            intact.append(path)
+    if checkpoints and not intact:
+        raise ConfigError(f"no intact checkpoint under {checkpoint_root(output_dir)} (each is named above). Start over "
+                          "with --overwrite true, or restore the files from a copy.")
+    finite = [path for path in intact if read_marker(path).get("finite", True)]
+    if intact and finite and finite[0] != intact[0]:
+        warnings.warn(f"checkpoint {intact[0]} holds non-finite weights; resuming from {finite[0]}, the newest with "
+                      "finite weights", stacklevel=2)
+    return (finite or intact or [None])[0]
 
 
 def _saved_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
@@ -250,15 +320,31 @@ def weights_only_loads() -> Iterator[None]:
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path, model: torch.nn.Module, registered: Sequence[Any]) -> None:
-    """`accelerator.load_state(path)` after `check_checkpoint_matches`, with every torch.load weights-only.
+def deepspeed_safe_globals() -> list[Any]:
+    """The few classes DeepSpeed's own checkpoint files pickle besides tensors and plain values (ZeRO 1-3 and offload,
+    found by loading each layout weights-only): its loss scalers, the ZeRO stage enum, and parameter fragment
+    addresses. Allowed by name when those files are loaded weights-only; nothing else is unpickled."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
-    Under DeepSpeed the engine's own files pickle Python objects (its loss scaler), which a weights-only load
-    refuses, so there the loads stay as DeepSpeed and accelerate make them.
-    """
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def safe_checkpoint_loads(deepspeed: bool) -> Iterator[None]:
+    """Every torch.load inside is weights-only (`weights_only_loads`), DeepSpeed's own classes allowed if `deepspeed`."""
+    allowed = deepspeed_safe_globals() if deepspeed else []
+    with weights_only_loads(), torch.serialization.safe_globals(allowed):
+        yield
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path, model: torch.nn.Module, registered: Sequence[Any]) -> None:
+    """`accelerator.load_state(path)` after `check_checkpoint_matches`, with every torch.load weights-only, on every
+    backend: the framework's own state files hold tensors and plain values only, and DeepSpeed's engine files are
+    read with an allowlist of its few classes (`deepspeed_safe_globals`). A checkpoint never runs code."""
     check_checkpoint_matches(path, model, registered)
-    safe = accelerator.distributed_type != DistributedType.DEEPSPEED
-    with weights_only_loads() if safe else contextlib.nullcontext():
+    with safe_checkpoint_loads(accelerator.distributed_type == DistributedType.DEEPSPEED):
         try:
             accelerator.load_state(str(path))
         except pickle.UnpicklingError as error:
@@ -267,3 +353,47 @@ def load_checkpoint(accelerator: Accelerator, path: Path, model: torch.nn.Module
                 f"loaded (it may run code): {str(error).splitlines()[0]} Resume only from checkpoints this framework "
                 "wrote."
             ) from error
+
+
+def consolidate(checkpoint: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
+    """A DeepSpeed checkpoint's full fp32 weights (gathered from every rank's ZeRO shards) as
+    output_dir/model.safetensors, with DeepSpeed's library (never the script copied into the checkpoint) and every
+    file read weights-only."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import save_file
+
+    path = Path(checkpoint)
+    if not (path / "latest").is_file():
+        raise ConfigError(f"{path} is not a DeepSpeed checkpoint (no `latest` file): a checkpoint of a run without "
+                          "DeepSpeed holds model.safetensors already.")
+    problem = damage(path) if (path / MARKER).is_file() else None
+    if problem:
+        raise ConfigError(f"checkpoint {path} is damaged: {problem}.")
+    with safe_checkpoint_loads(deepspeed=True):
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(path))
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "model.safetensors"))
+    return out / "model.safetensors"
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """`python -m framework.checkpoint consolidate CHECKPOINT OUTPUT_DIR`."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m framework.checkpoint")
+    commands = parser.add_subparsers(dest="command", required=True)
+    command = commands.add_parser("consolidate", help="a DeepSpeed checkpoint's full weights as model.safetensors")
+    command.add_argument("checkpoint", help="a checkpoint directory, e.g. outputs/run/checkpoints/step_00000100")
+    command.add_argument("output_dir", help="where model.safetensors is written")
+    options = parser.parse_args(args)
+    try:
+        print(f"wrote {consolidate(options.checkpoint, options.output_dir)}")
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -26,6 +26,8 @@ from framework.backend import (
     num_machines,
     set_determinism,
     unscale_gradients_once,
+    weights_finite,
+    weights_swapped_in,
 )
 from framework.checkpoint import (
     check_overwritable,
@@ -35,8 +37,8 @@ from framework.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from framework.config import TrainerConfig, flatten
-from framework.errors import FrameworkError
+from framework.config import TrainerConfig, config_to_yaml, flatten
+from framework.errors import ConfigError, FrameworkError
 from framework.nn.norm import frozen_running_statistics
 from framework.state import TrainState
 from framework.task import Task
@@ -89,6 +91,9 @@ class Trainer:
         accelerator: pass one to control it yourself; default: built from the launch config.
         pictures: drawn once when training starts, name -> function writing a PNG to the path it is given
             (`output_dir/NAME.png`); logged to the trackers (e.g. the augmentation grid).
+        inference_files: file name -> JSON-able value, written to output_dir when training starts, so the run's
+            weights can be used on their own (`model.json`: how to rebuild the model; `preprocessor.json`: class
+            names and how evaluation reads an image). `python -m framework.predict` reads them.
     """
 
     def __init__(
@@ -103,6 +108,7 @@ class Trainer:
         techniques: Sequence[Technique] | None = None,
         accelerator: Accelerator | None = None,
         pictures: dict[str, Callable[[Path], Any]] | None = None,
+        inference_files: dict[str, Any] | None = None,
     ):
         self.config = config
         self.task = task
@@ -122,7 +128,7 @@ class Trainer:
         task.check(self.backend, self.techniques, config.gradient_accumulation_steps)
         # The modes that train nothing (LR preview, LR finder) write their pictures beside any run already there:
         # they neither refuse an output_dir with checkpoints nor delete anything in it.
-        trains = not (config.preview_lr or config.find_lr)
+        trains = not (config.preview_lr or config.find_lr or config.evaluate_only)
         self.resume_path = resolve_resume(config.resume_from, config.output_dir, config.overwrite) if trains else None
         if self.resume_path is not None:
             check_resumable(self.resume_path, self.backend)
@@ -135,6 +141,7 @@ class Trainer:
         self.batch = batch_layout(getattr(train_data, "batch_size", None), self.accelerator.num_processes,
                                   config.gradient_accumulation_steps)
         self.pictures = dict(pictures or {})
+        self.inference_files = dict(inference_files or {})
         self.state = TrainState(self.accelerator, model, optimizer, Path(config.output_dir),
                                 techniques=self.techniques, task=task)
         self._hooks = hook_table(self.techniques)
@@ -169,6 +176,8 @@ class Trainer:
             result = find_lr(self)
             accelerator.end_training()
             return result
+        if config.evaluate_only:
+            return self.evaluate_saved_weights(state.output_dir / "model.safetensors")
         if self.resume_path is None and accelerator.is_main_process and any(
                 t.sets_learning_rate for t in self.techniques):
             # Drawn now, while the schedules are not yet bound to the optimizer; logged when tracking starts.
@@ -218,6 +227,24 @@ class Trainer:
         if accelerator.is_main_process:
             print(f"preempted: stopped after step {state.step} with a checkpoint; continue with --resume_from latest")
         return {"preempted": True, "run": {"steps": state.step}}
+
+    def evaluate_saved_weights(self, path: Path) -> dict[str, float]:
+        """`--evaluate_only`: the validation and test metrics of the weights in `path` (a finished run's
+        model.safetensors), printed and written to output_dir/evaluation.json. Nothing is trained or deleted."""
+        if not path.is_file():
+            raise ConfigError(f"--evaluate_only true reads the weights of a finished run, but {path} does not exist: "
+                              "point --output_dir at a run directory that holds model.safetensors.")
+        results: dict[str, float] = {}
+        with weights_swapped_in(self.accelerator, self.state.model, load_file(path)):
+            for split in ("val", "test"):
+                if self.data[split] is not None:
+                    results.update(self.evaluate(self.data[split], split, hooks=False))
+        if self.accelerator.is_main_process:
+            (self.state.output_dir / "evaluation.json").write_text(
+                json.dumps({"weights": str(path), "metrics": results}, indent=2) + "\n")
+            print(f"evaluated {path}:\n" + "\n".join(f"{k:>18s} = {v:.4f}" for k, v in results.items()))
+        self.accelerator.end_training()
+        return results
 
     def preview_lr(self) -> dict[str, Any]:
         """Draw the LR every schedule technique gives each step of this run (first parameter group); no training."""
@@ -458,14 +485,16 @@ class Trainer:
         if self._last_checkpoint_step == self.state.step:
             return
         save_checkpoint(self.accelerator, self.config.output_dir, self.state.step, self.config.keep_checkpoints,
-                        self.backend)
+                        self.backend, finite=weights_finite(self.accelerator, self.state.model))
         self._last_checkpoint_step = self.state.step
 
     def _start_tracking(self) -> None:
         accelerator, config = self.accelerator, self.config
         if accelerator.is_main_process:
             self.state.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.state.output_dir / "config.yaml").write_text(yaml.safe_dump(flatten(config), sort_keys=False))
+            (self.state.output_dir / "config.yaml").write_text(config_to_yaml(config))  # --config reads it
+            for name, value in self.inference_files.items():
+                (self.state.output_dir / name).write_text(json.dumps(value, indent=2) + "\n")
         init_kwargs = tracker_init_kwargs(config.output_dir, config.run_name, config.group, config.tags,
                                           resuming=self.resume_path is not None) \
             if accelerator.is_main_process and config.tracker == "wandb" else {}  # only the main process runs W&B

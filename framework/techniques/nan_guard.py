@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.optim import lr_scheduler
 
-from framework.checkpoint import completed_checkpoints, load_checkpoint
+from framework.checkpoint import load_checkpoint, newest_healthy_checkpoint
 from framework.errors import ConfigError
 from framework.state import TrainState
 from framework.technique import Backend, IncompatibleError, Technique, register
@@ -99,13 +99,13 @@ class NaNGuard(Technique):
         state.summary["nan_guard"] = {"skipped": self.skipped, "rollbacks": self.rollbacks}
 
     def _roll_back(self, state: TrainState) -> None:
-        checkpoints = completed_checkpoints(state.output_dir)
-        if self.rollbacks >= self.max_rollbacks or not checkpoints:
-            self._stop(state, "no checkpoint to roll back to" if not checkpoints
+        checkpoint = newest_healthy_checkpoint(state.output_dir)  # intact, with finite weights where there is one
+        if self.rollbacks >= self.max_rollbacks or checkpoint is None:
+            self._stop(state, "no checkpoint to roll back to" if checkpoint is None
                        else f"{self.rollbacks} rollback(s) did not help")
         counters = (self.skipped, self.rollbacks + 1)
         registered = [state, *[t for t in state.techniques if t.has_state]]
-        load_checkpoint(state.accelerator, checkpoints[-1], state.model, registered)  # every rank: they agreed
+        load_checkpoint(state.accelerator, checkpoint, state.model, registered)  # every rank: they agreed
         self.skipped, self.rollbacks = counters  # the guard's own counts outlive the rollback
         self.consecutive = 0
         schedulers = [t.scheduler for t in state.techniques if getattr(t, "scheduler", None) is not None]
@@ -113,7 +113,7 @@ class NaNGuard(Technique):
         state.rolled_back = True
         state.log(**{"nan_guard/rollbacks": self.rollbacks})
         if state.accelerator.is_main_process:
-            print(f"nan_guard: {self.max_consecutive} non-finite steps in a row; rolled back to {checkpoints[-1].name} "
+            print(f"nan_guard: {self.max_consecutive} non-finite steps in a row; rolled back to {checkpoint.name} "
                   f"(step {state.step}) with every learning rate x{self.lr_factor} (rollback {self.rollbacks}).")
 
     def _stop(self, state: TrainState, why: str) -> None:
