@@ -3,6 +3,7 @@ and everything else still gets through."""
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -46,14 +47,31 @@ def user_launch(launch_config: str, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the noise is that of CPU runs")
 @pytest.mark.parametrize("launch_config", ["cpu.yaml", "multi_cpu.yaml", "deepspeed_zero3.yaml"])
 def test_console_shows_the_run_and_no_library_noise(tmp_path, launch_config):
-    result = user_launch(launch_config, "--max_steps", "4", "--data.batch_size", "16", "--tracker", "none",
-                         "--output_dir", str(tmp_path))
+    """Output to a pipe (as under SLURM or nohup): no library noise, no progress bar, one plain line per log step,
+    the model and batch layout at the start, throughput at the end; summary.json says how the run executed."""
+    result = user_launch(launch_config, "--max_steps", "4", "--data.batch_size", "16", "--tracker", "tensorboard",
+                         "--log_every", "2", "--output_dir", str(tmp_path))
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-5000:]
     for line in NOISE:
         allowed = LAUNCHER_ONLY.get(launch_config, {}).get(line, 0)
         assert output.count(line) <= allowed, f"{line!r} is still printed:\n{output[-5000:]}"
     assert "test/accuracy" in output and f"wrote {tmp_path}" in output  # the run's own lines still show
+
+    processes = 1 if launch_config == "cpu.yaml" else 2
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    parameters = summary["model"]["parameters"]
+    assert summary["model"]["class"] == "ResNet" and parameters == summary["model"]["trainable_parameters"] > 70_000
+    assert summary["run"]["global_batch_size"] == 16 * processes and summary["run"]["num_machines"] == 1
+    assert summary["run"]["per_process_batch_size"] == 16 and summary["run"]["samples_per_second"] > 0
+    assert (summary["run"].get("zero_stage"), summary["run"].get("offload_optimizer")) == (
+        (3, "none") if launch_config == "deepspeed_zero3.yaml" else (None, None))
+    assert f"model ResNet: {parameters:,} parameters ({parameters:,} trainable)" in result.stdout
+    assert f"global batch {16 * processes} = 16 per process × {processes} process(es)" in result.stdout
+    plain = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in plain] == ["2/4", "4/4"] and all("samples/s" in line for line in plain)
+    assert "\r" not in output  # no progress bar redrawing one line of a log file
+    assert "trained 4 steps" in result.stdout and f"tensorboard --logdir {tmp_path}" in result.stdout
 
 
 def record(logger_name: str, message: str, level: int = logging.WARNING) -> logging.LogRecord:
