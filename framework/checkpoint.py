@@ -87,6 +87,73 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+LOCK = ".lock"
+
+
+def acquire_run_lock(output_dir: str | os.PathLike) -> Path:
+    """Make `output_dir` this process's run directory: one run at a time. The lock file holds the pid and host of the
+    run that holds it; a second run is refused with one line. A lock whose process is gone (a run killed with
+    SIGKILL) is stale and taken over with a warning; a lock of another host cannot be checked and is refused."""
+    import socket
+    import time
+
+    directory = Path(output_dir)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"output_dir {directory} cannot be used: {error.strerror or error}. Pass a directory "
+                          "you can write to as --output_dir.") from None
+    lock, host = directory / LOCK, socket.gethostname()
+    mine = {"pid": os.getpid(), "host": host, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    while True:
+        try:
+            with open(lock, "x") as handle:  # atomic: exactly one of two racing runs creates it
+                handle.write(json.dumps(mine) + "\n")
+            return lock
+        except FileExistsError:
+            pass
+        except OSError as error:
+            raise ConfigError(f"output_dir {directory} cannot be used: {error.strerror or error}. Pass a directory "
+                              "you can write to as --output_dir.") from None
+        try:
+            holder = json.loads(lock.read_text())
+        except (OSError, ValueError):
+            holder = {}
+        pid, where = holder.get("pid"), holder.get("host")
+        if pid == os.getpid() and where == host:  # this process's own earlier Trainer
+            lock.unlink(missing_ok=True)
+            continue
+        alive = where != host or _process_alive(pid)
+        if alive:
+            raise ConfigError(
+                f"output_dir {directory} is in use by process {pid} on {where} (since {holder.get('started')}): two "
+                f"runs would interleave their checkpoints and metrics. Wait for it, or pass another --output_dir; if "
+                f"that run is gone, delete {lock}.")
+        warnings.warn(f"taking over the stale lock of process {pid} in {directory} (that process is gone)",
+                      stacklevel=2)
+        lock.unlink(missing_ok=True)
+
+
+def release_run_lock(output_dir: str | os.PathLike) -> None:
+    """Remove this process's lock (another process's is left alone)."""
+    lock = Path(output_dir) / LOCK
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(lock.read_text()).get("pid") == os.getpid():
+            lock.unlink()
+
+
+def _process_alive(pid: Any) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 #: What a run writes first: a directory holding one of these is a run directory that `--overwrite` may empty.
 RUN_FILES = ("checkpoints", "config.yaml", "metrics.jsonl", "summary.json")
 
@@ -95,7 +162,8 @@ def check_overwritable(output_dir: str | os.PathLike) -> None:
     """Refuse `--overwrite true` on a directory that holds files but no earlier run (none of `RUN_FILES`): it may be
     anything (a home directory, a data folder). Every rank calls it, so a refusal stops them all."""
     directory = Path(output_dir)
-    if directory.is_dir() and any(directory.iterdir()) and not any((directory / n).exists() for n in RUN_FILES):
+    entries = [p for p in directory.iterdir() if p.name != LOCK] if directory.is_dir() else []
+    if entries and not any((directory / n).exists() for n in RUN_FILES):
         raise ConfigError(
             f"--overwrite true would delete everything in output_dir {directory}, which holds files but no earlier "
             f"run (none of {', '.join(RUN_FILES)}). Choose a new or empty --output_dir."
@@ -110,6 +178,8 @@ def clear_run(output_dir: str | os.PathLike) -> None:
     if not directory.is_dir():
         return
     for entry in directory.iterdir():
+        if entry.name == LOCK:  # this run's own
+            continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
         else:

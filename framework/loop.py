@@ -22,6 +22,7 @@ from framework.backend import (
     describe_backend,
     forget_unscaling,
     deepspeed_summary,
+    main_process_decides,
     make_accelerator,
     num_machines,
     set_determinism,
@@ -30,10 +31,12 @@ from framework.backend import (
     weights_swapped_in,
 )
 from framework.checkpoint import (
+    acquire_run_lock,
     check_overwritable,
     check_resumable,
     clear_run,
     load_checkpoint,
+    release_run_lock,
     resolve_resume,
     save_checkpoint,
 )
@@ -53,6 +56,7 @@ from framework.tracking import (
     LogWindow,
     batch_layout,
     describe_start,
+    drop_metrics_after,
     model_summary,
     plain_output,
     log_picture,
@@ -129,6 +133,16 @@ class Trainer:
         # The modes that train nothing (LR preview, LR finder) write their pictures beside any run already there:
         # they neither refuse an output_dir with checkpoints nor delete anything in it.
         trains = not (config.preview_lr or config.find_lr or config.evaluate_only)
+        # One run per output_dir: the main process takes its lock first (every rank learns whether it got it).
+        refusal = None
+        if trains and self.accelerator.is_main_process:
+            try:
+                acquire_run_lock(config.output_dir)
+            except ConfigError as error:
+                refusal = error
+        if trains and main_process_decides(self.accelerator, refusal is not None):
+            raise refusal or ConfigError(f"output_dir {config.output_dir} is in use by another run (see rank 0).")
+        self._holds_lock = trains
         self.resume_path = resolve_resume(config.resume_from, config.output_dir, config.overwrite) if trains else None
         if self.resume_path is not None:
             check_resumable(self.resume_path, self.backend)
@@ -152,6 +166,13 @@ class Trainer:
     # --- the public entry points --------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Train, evaluate, test; write model.safetensors and summary.json. Returns the summary."""
+        try:
+            return self._fit()
+        finally:
+            if self._holds_lock and self.accelerator.is_main_process:
+                release_run_lock(self.config.output_dir)
+
+    def _fit(self) -> dict[str, Any]:
         accelerator, config, state = self.accelerator, self.config, self.state
         started = time.perf_counter()
         set_seed(config.seed)
@@ -190,6 +211,8 @@ class Trainer:
             accelerator.print(f"resuming from {self.resume_path}")
             load_checkpoint(accelerator, self.resume_path, state.model, registered)
             self._last_checkpoint_step = state.step
+            if accelerator.is_main_process:
+                drop_metrics_after(state.output_dir, state.step)
         self._start_tracking()
         self._announce()
 

@@ -61,6 +61,25 @@ def wandb_logged_in() -> bool:
         return False
 
 
+def drop_metrics_after(output_dir: str | os.PathLike, step: int) -> None:
+    """On resume from `step`: remove the lines a killed run logged after its checkpoint, which the resumed run logs
+    again, so metrics.jsonl holds each step once. Rewritten atomically."""
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) > step:
+                continue
+        except ValueError:  # a line cut short by the kill
+            continue
+        kept.append(line)
+    temporary = path.with_suffix(".jsonl.tmp")
+    temporary.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(temporary, path)
+
+
 def make_trackers(tracker: str, output_dir: str) -> list[Any]:
     """The `log_with` list for the Accelerator: always the JSONL file, plus "wandb" or "tensorboard"."""
     trackers: list[Any] = [JSONLTracker(output_dir)]
