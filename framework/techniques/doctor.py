@@ -18,6 +18,7 @@ The checks follow Karpathy's "A Recipe for Training Neural Networks" (https://ka
                          rightly get 0)
     loss_plateau         the mean loss of a window's second half (100 steps per window) is not   after_optimizer_step
                          1% below the run's first 50 steps, or below ln C when that is lower
+                         (a resumed run: ln C only)
     overfitting          val/loss stays above its best by max(5%, 0.05 nats) for 3 evaluations   epoch_end
                          while the training loss falls below its value then and below val/loss
     nonfinite_loss       the loss was NaN/inf: one forward with hooks on the latest batch names   on_loss
@@ -38,13 +39,18 @@ tiniest model (Linear(4, 3), batch 4, steps of 9-18 ms, tests/test_loop.py style
 
 A NaN is therefore seen up to `check_every - 1` steps late, when an update has usually spread it into the weights:
 the replay then names the first layer whose weights are non-finite, says so, and suggests
-`--techniques.doctor.check_every 1` (a host read per step) to stop at the first non-finite loss.
+`--techniques.doctor.check_every 1` (a host read per step) to stop at the first non-finite loss. The verdict rests on
+the weights themselves, not on which layer first shows a NaN in the replay: NaN/inf weights anywhere in the model are
+reported as such (an earlier layer may overflow first), and finite weights and inputs whose products exceed the
+dtype's range (≈1e34 each after a far too high learning rate) are named as an overflow, with their magnitudes.
 
 Several ranks: the non-finite flag is summed over ranks at those reads (every rank reaches them at the same step, so
 no rank waits alone) and every rank stops together; the other checks only print, on the main process. Backends: the
 gradient checks read `param.grad`, which DeepSpeed (the engine reduces and partitions gradients and steps inside
 backward) and FSDP (sharded gradients) do not hold; there they are skipped, the loss checks still run. Nothing is
-checkpointed: a resumed run starts the doctor afresh and skips the initial-loss check.
+checkpointed: a resumed run starts the doctor afresh from the restored step (derived at its first training hook, after
+the checkpoint is loaded, never in fit_start, which runs before the restore), skips the initial-loss check, and
+compares its plateau windows with chance level only (the run's first losses, the other reference, are gone).
 """
 
 from __future__ import annotations
@@ -324,6 +330,24 @@ class NonFiniteLayer(NamedTuple):
     module_type: str  # its class name
     inputs_finite: bool  # False: it received NaN/inf already (from the batch or code outside submodules)
     weights_finite: bool  # False: its own weights are NaN/inf (an earlier update spread a NaN into them)
+    input_max: float | None = None  # the largest |value| among its finite floating-point inputs (None: none)
+    weight_max: float | None = None  # the largest |value| among its own finite weights (None: no weights)
+    dtype: torch.dtype | None = None  # the dtype of its (first floating-point) output
+
+
+def _abs_max(value: Any) -> float | None:
+    """The largest |x| over the floating-point tensors in `value`, or None when there are none (or it is not finite)."""
+    maxima = [t.detach().abs().max().float() for t in _tensors(value) if t.is_floating_point() and t.numel()]
+    if not maxima:
+        return None
+    largest = float(torch.stack(maxima).max())
+    return largest if math.isfinite(largest) else None
+
+
+def nonfinite_parameters(model: torch.nn.Module) -> list[str]:
+    """The names of the parameters that hold a NaN/inf, in the model's order (after an update spread one in)."""
+    local = [(name, p.to_local() if hasattr(p, "to_local") else p) for name, p in model.named_parameters()]  # FSDP2
+    return [name for name, p in local if p.numel() and not bool(torch.isfinite(p).all())]
 
 
 @torch.no_grad()
@@ -341,8 +365,11 @@ def first_nonfinite_layer(model: torch.nn.Module, forward: Callable[[], Any]) ->
 
     def hook(module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         if not found and not all_finite(output):
+            weights = list(module.parameters(recurse=False)) or list(module.parameters())
+            dtype = next((t.dtype for t in _tensors(output) if t.is_floating_point()), None)
             found.append(NonFiniteLayer(names[id(module)], type(module).__name__, all_finite((args, kwargs)),
-                                        all_finite(list(module.parameters()))))
+                                        all_finite(list(module.parameters())), _abs_max((args, kwargs)),
+                                        _abs_max(weights), dtype))
 
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in model.modules()]
     try:
@@ -356,24 +383,54 @@ def first_nonfinite_layer(model: torch.nn.Module, forward: Callable[[], Any]) ->
     return found[0] if found else None
 
 
+#: A layer whose largest |input| × largest |weight| reaches this fraction of its dtype's largest value overflows when
+#: it sums products (a Linear or convolution sums fan-in of them; 1e-4 leaves room for 10,000).
+OVERFLOW_FRACTION = 1e-4
+
+
+def _overflows(layer: NonFiniteLayer) -> bool:
+    if layer.input_max is None or layer.weight_max is None or layer.dtype is None:
+        return False
+    return layer.input_max * layer.weight_max >= OVERFLOW_FRACTION * torch.finfo(layer.dtype).max
+
+
 def nonfinite_loss_finding(layer: NonFiniteLayer | None, batch: Any, steps: tuple[int, int],
-                           check_every: int = 1) -> Finding:
+                           check_every: int = 1, nonfinite_weights: Sequence[str] = ()) -> Finding:
     """The finding for a non-finite loss seen between `steps`, given what replaying the latest batch showed
-    (`check_every` > 1: the doctor read its flag only every that many steps, and says how to stop earlier)."""
+    (`check_every` > 1: the doctor read its flag only every that many steps, and says how to stop earlier) and which
+    parameters hold NaN/inf (`nonfinite_weights`, from `nonfinite_parameters`).
+
+    The verdict rests on the weights, not on which layer shows a NaN first: weights that are NaN/inf anywhere are
+    reported as such (an earlier layer may overflow first from finite but huge weights); finite weights and inputs
+    whose products exceed the dtype's range are an overflow, with the magnitudes; otherwise the layer's own op."""
     rerun = (" Rerun with --techniques.doctor.check_every 1 to stop at the first non-finite loss."
              if check_every > 1 else "")
     where = f"at step {steps[1]}" if steps[0] == steps[1] else f"between steps {steps[0]} and {steps[1]}"
     bad_keys = [key for key, value in batch.items() if not all_finite(value)] if isinstance(batch, Mapping) else []
+    spread = ("an update with non-finite gradients reached them (gradients overflow before the loss does when the "
+              "learning rate is far too high).")
+    bad_weights = _names([f"`{name}`" for name in nonfinite_weights])
     if layer is None:
         cause = ("the latest batch runs finite everywhere: an earlier batch produced it, or the backward pass did "
                  "(--detect_anomaly true names the op)." + rerun)
+        if nonfinite_weights:
+            cause = f"the weights are already NaN/inf in {bad_weights}: {spread}{rerun}"
     else:
         label = f"`{layer.name}` ({layer.module_type})" if layer.name else \
             f"the model's own forward ({layer.module_type})"
         if not layer.weights_finite:
-            cause = (f"the first non-finite output comes from {label}, whose weights are already NaN/inf: an update "
-                     "with non-finite gradients reached them (gradients overflow before the loss does when the "
-                     "learning rate is far too high)." + rerun)
+            named = f" ({bad_weights})" if nonfinite_weights else ""
+            cause = f"the first non-finite output comes from {label}, whose weights are already NaN/inf{named}: " \
+                    f"{spread}{rerun}"
+        elif nonfinite_weights and layer.inputs_finite:
+            cause = (f"the first non-finite output comes from {label} (its own weights finite), and the weights are "
+                     f"already NaN/inf in {bad_weights}: {spread}{rerun}")
+        elif layer.inputs_finite and _overflows(layer):
+            dtype = str(layer.dtype).removeprefix("torch.")
+            cause = (f"the first non-finite output comes from {label}, an overflow: its weights reach "
+                     f"{layer.weight_max:.3g} and its inputs {layer.input_max:.3g}, so their products overflow "
+                     f"{dtype} (largest {torch.finfo(layer.dtype).max:.3g}). Updates with a far too high learning "
+                     f"rate grew them (or the inputs are not normalised).{rerun}")
         elif not layer.inputs_finite:
             source = (f"the batch itself holds NaN/inf in {bad_keys}" if bad_keys else
                       "code outside any submodule (a functional op in a parent's forward) produced them")
@@ -478,6 +535,7 @@ class Doctor(Technique):
         self._backward_checked = False
         self._batch: Any = None  # the latest batch (replayed on a non-finite loss)
         self._nonfinite: torch.Tensor | None = None  # device flag: some loss since the last read was NaN/inf
+        self._origin: int | None = None  # state.step when training (re)started: set on first use, after a restore
         self._read_step = 0  # the step of the last read of that flag
         self._chance: float | None = None  # ln C, when known
         self._grad_step = -1
@@ -520,10 +578,17 @@ class Doctor(Technique):
         self._gradients_visible = accelerator.distributed_type not in (DistributedType.DEEPSPEED,
                                                                       DistributedType.FSDP)
         self._scaled = accelerator.scaler is not None  # fp16: overflowing steps are normal, the scaler skips them
-        self._read_step = state.step
-        self._window_start = state.step
+        # Nothing here may read state.step: on resume the loop restores it from the checkpoint after fit_start.
+
+    def _begin(self, state: TrainState) -> None:
+        """The first training hook of this fit (state.step restored by now, on resume): where the step counters
+        start. A resumed run's first window has no reference of the run's first losses (not checkpointed)."""
+        self._origin = state.step
+        self._read_step = self._window_start = self._max_since = state.step
 
     def on_loss(self, state: TrainState, loss: torch.Tensor, batch: Any, outputs: Any) -> torch.Tensor:
+        if self._origin is None:
+            self._begin(state)
         if batch is self._batch:  # the same batch again (SAM's second pass): counted once
             return loss
         self._batch = batch
@@ -572,7 +637,8 @@ class Doctor(Technique):
             except Exception as error:  # a replay that fails must not hide the finding
                 tqdm.write(f"doctor: replaying the batch failed ({error}); reporting without the layer.")
         self._read_gradient_max(state)  # gradients that overflowed first are the better clue: reported before
-        finding = nonfinite_loss_finding(layer, self._batch, steps, self.check_every)
+        finding = nonfinite_loss_finding(layer, self._batch, steps, self.check_every,
+                                         nonfinite_parameters(self._model))
         self.report(state, finding)
         if self.stop_on_nonfinite and not any(t.name == "nan_guard" for t in state.techniques):  # it recovers
             raise NonFiniteLossError(f"training stopped: {finding.message} Fix: {finding.fix} (To keep training "
@@ -591,6 +657,8 @@ class Doctor(Technique):
             self.report(state, unoptimized_finding(self._parameters, state.optimizer))
 
     def before_optimizer_step(self, state: TrainState) -> None:
+        if self._origin is None:
+            self._begin(state)
         if not self._gradients_visible or self._grad_step == state.step:  # SAM calls this twice per step
             return
         self._grad_step = state.step
@@ -640,19 +708,27 @@ class Doctor(Technique):
         return values
 
     def after_optimizer_step(self, state: TrainState) -> None:
+        if self._origin is None:
+            self._begin(state)
         if not self.plateau_window or state.step - self._window_start < self.plateau_window:
             return
         losses = torch.stack(self._window).tolist() if self._window else []  # one host sync per window
         steps = (self._window_start, state.step - 1)
         self._window, self._window_start = [], state.step
-        if not losses or not all(math.isfinite(v) for v in losses):
+        if len(losses) < 2 or not all(math.isfinite(v) for v in losses):
             return  # non-finite losses are the non-finite check's
-        if self._first_half_mean is None:  # the reference of every window: the first half of the first one
+        if self._first_half_mean is None and self._origin == 0:  # every window's reference: the run's first losses
             self._first_half_mean = statistics.fmean(losses[: len(losses) // 2])
             self._first_half_name = f"the run's first {len(losses) // 2} losses"
-        reference, name = self._first_half_mean, self._first_half_name
-        if self._chance is not None and self._chance < reference:
-            reference, name = self._chance, f"chance level, ln({round(math.exp(self._chance))})"
+        # A resumed run (its first losses are not in the checkpoint) compares with chance level only: a late window
+        # of a converging run is no reference (its loss may rightly fall < 1% more), and a loss stuck at chance is
+        # still caught.
+        candidates = [(self._first_half_mean, self._first_half_name)] if self._first_half_mean is not None else []
+        if self._chance is not None:
+            candidates.append((self._chance, f"chance level, ln({round(math.exp(self._chance))})"))
+        if not candidates:
+            return
+        reference, name = min(candidates, key=lambda candidate: candidate[0])
         self.report(state, plateau_finding(losses, self.min_decrease, reference, steps, name))
 
     def epoch_end(self, state: TrainState) -> None:
