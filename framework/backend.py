@@ -189,6 +189,15 @@ def clip_grad_norm(accelerator: Accelerator, parameters, max_norm: float, norm_t
     return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type=norm_type)
 
 
+def gradient_norm(accelerator: Accelerator, parameters) -> torch.Tensor:
+    """The global gradient norm, measured without touching the gradients (a clip at max_norm=inf would scale them
+    by inf/inf = NaN when the fp32 norm overflows, and accelerate skips that clip only in some versions). Sharded
+    gradients (DeepSpeed, FSDP) are measured by accelerate, which asks the engine."""
+    if accelerator.distributed_type.name in ("DEEPSPEED", "FSDP"):
+        return accelerator.clip_grad_norm_(parameters, float("inf"))
+    return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+
+
 def full_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's whole weights as CPU copies on the main process (empty elsewhere under ZeRO-3). Every rank must
     call it: under ZeRO-3 it gathers the shards."""

@@ -187,12 +187,13 @@ def clear_run(output_dir: str | os.PathLike) -> None:
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, step: int, keep: int,
-                    backend: Backend | None = None, finite: bool = True) -> Path:
+                    backend: Backend | None = None, finite: bool = True, files: dict[str, str] | None = None) -> Path:
     """Save the full training state for `step` on every rank; keep the newest `keep` checkpoints, and the newest
     one with finite weights. Returns the path.
 
     The marker records the backend that wrote it (a resume on an incompatible one is refused with the fix), whether
-    the weights were `finite`, and the manifest of the files.
+    the weights were `finite`, and the manifest of the files. `files`: name -> text written beside accelerate's
+    (the run's config.yaml, which a resume compares with its own).
     """
     root = checkpoint_root(output_dir)
     final = root / f"step_{step:08d}"
@@ -204,10 +205,12 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, ste
     accelerator.save_state(str(temporary))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        files = _flush_and_list(temporary)
+        for name, text in (files or {}).items():
+            (temporary / name).write_text(text)
+        manifest = _flush_and_list(temporary)
         with open(temporary / MARKER, "w") as marker:
             marker.write(json.dumps({"step": step, "backend": dataclasses.asdict(backend or Backend()),
-                                     "finite": finite, "files": files}) + "\n")
+                                     "finite": finite, "files": manifest}) + "\n")
             marker.flush()
             os.fsync(marker.fileno())
         if final.exists():
@@ -245,6 +248,12 @@ def check_resumable(path: Path, backend: Backend) -> None:
     """Refuse a checkpoint whose layout this backend cannot load (DeepSpeed's is sharded per rank and stage)."""
     written = json.loads((path / MARKER).read_text())["backend"]
     was, now = written.get("deepspeed_stage"), backend.deepspeed_stage
+    if was is None and now is None and written.get("num_processes", 1) != backend.num_processes:
+        raise ConfigError(
+            f"checkpoint {path} was written on {written['num_processes']} processes and this run has "
+            f"{backend.num_processes} process(es): its data position counts each process's batches, so the rest of "
+            f"the epoch would skip or repeat samples. Resume on {written['num_processes']} processes "
+            "(--num_processes), or start a new run from its model.safetensors.")
     if was == now and (was is None or written["num_processes"] == backend.num_processes):
         return
     wrote = f"DeepSpeed ZeRO-{was} on {written['num_processes']} processes" if was else "a run without DeepSpeed"

@@ -303,6 +303,38 @@ def config_to_yaml(config: Any) -> str:
     return yaml.safe_dump(plain(config), sort_keys=False, allow_unicode=True)
 
 
+#: Keys (or key prefixes) whose change on resume would misread the checkpoint's state: the data order and position,
+#: the model's weights, what an optimizer step holds. Refused with the key named (so is a technique added or removed).
+FIXED_ON_RESUME = ("data.", "model.", "gradient_accumulation_steps", "seed", "optimizer.name", "optimizer.betas",
+                   "optimizer.no_decay")
+#: Keys that name where the run is, not what it does: never compared.
+NOT_COMPARED = ("output_dir", "resume_from", "overwrite")
+
+
+def resume_changes(saved: dict[str, Any], config: Any) -> list[tuple[str, Any, Any]]:
+    """(key, checkpoint's value, this run's value) for every setting changed since the checkpoint was written
+    (`saved`: its config, as `config_to_yaml` wrote it), in the config's order. A change that would misread the
+    saved state (`FIXED_ON_RESUME`, a technique added or removed) raises `ConfigError` naming the keys; a changed
+    argument of a technique present in both is applied as the technique is built."""
+    current = yaml.safe_load(config_to_yaml(config))
+    used = {side: {k for k, v in (values.get("techniques") or {}).items() if v is not None}
+            for side, values in (("before", saved), ("now", current))}
+    before, now = flatten(saved), flatten(current)
+    keys = list(dict.fromkeys([*now, *before]))
+    changed = [(key, before.get(key), now.get(key)) for key in keys
+               if before.get(key) != now.get(key) and not key.startswith(NOT_COMPARED)
+               and (not key.startswith("techniques.") or key.split(".")[1] in used["before"] & used["now"])]
+    fixed = [f"{key} {old!r} -> {new!r}" for key, old, new in changed
+             if key.startswith(FIXED_ON_RESUME) and not key.startswith("techniques.")]
+    fixed += [f"techniques.{name} added" for name in sorted(used["now"] - used["before"])]
+    fixed += [f"techniques.{name} removed" for name in sorted(used["before"] - used["now"])]
+    if fixed:
+        raise ConfigError(
+            f"these settings cannot change on resume, since the checkpoint's state depends on them: {'; '.join(fixed)}. "
+            "Resume with the checkpoint's values (its config.yaml), or start a new run in another --output_dir.")
+    return changed
+
+
 def run_main(main: Callable[[], Any]) -> None:
     """Run a recipe's `main`, turning a `FrameworkError` into one line on stderr and exit status 2 (no traceback)."""
     try:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
@@ -18,10 +19,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from framework.backend import (
-    clip_grad_norm,
     describe_backend,
     forget_unscaling,
     deepspeed_summary,
+    gradient_norm,
     main_process_decides,
     make_accelerator,
     num_machines,
@@ -40,8 +41,9 @@ from framework.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from framework.config import TrainerConfig, config_to_yaml, flatten
+from framework.config import TrainerConfig, config_to_yaml, flatten, resume_changes
 from framework.errors import ConfigError, FrameworkError
+from framework.optim import scale_learning_rates_
 from framework.nn.norm import frozen_running_statistics
 from framework.state import TrainState
 from framework.task import Task
@@ -144,8 +146,12 @@ class Trainer:
             raise refusal or ConfigError(f"output_dir {config.output_dir} is in use by another run (see rank 0).")
         self._holds_lock = trains
         self.resume_path = resolve_resume(config.resume_from, config.output_dir, config.overwrite) if trains else None
+        self.resume_changes: list[tuple[str, Any, Any]] = []
         if self.resume_path is not None:
             check_resumable(self.resume_path, self.backend)
+            if (self.resume_path / "config.yaml").is_file():  # what the checkpoint was written with
+                saved = yaml.safe_load((self.resume_path / "config.yaml").read_text())
+                self.resume_changes = resume_changes(saved, config)
         if trains and self.resume_path is None and config.overwrite:
             check_overwritable(config.output_dir)
             if self.accelerator.is_main_process:
@@ -211,6 +217,7 @@ class Trainer:
             accelerator.print(f"resuming from {self.resume_path}")
             load_checkpoint(accelerator, self.resume_path, state.model, registered)
             self._last_checkpoint_step = state.step
+            self._apply_resume_changes()
             if accelerator.is_main_process:
                 drop_metrics_after(state.output_dir, state.step)
         self._start_tracking()
@@ -404,7 +411,7 @@ class Trainer:
             return False
         if "grad_norm" not in state.logs and self._is_log_step(state.step + 1):
             # Measured only on logging steps (a clipping technique reports it on every step anyway).
-            state.log(grad_norm=clip_grad_norm(self.accelerator, state.model.parameters(), float("inf")))
+            state.log(grad_norm=gradient_norm(self.accelerator, list(state.model.parameters())))
         if self._step_owner is not None:
             self._step_owner.optimizer_step(state, lambda: self._recompute_gradients(batch))
         else:
@@ -481,6 +488,22 @@ class Trainer:
             print(f"step {state.step}/{state.max_steps} epoch {values['epoch']:.2f}: loss {values['train/loss']:.4f}, "
                   f"lr {values['lr']:.2e}, {values['samples_per_second']:.0f} samples/s", flush=True)
 
+    def _apply_resume_changes(self) -> None:
+        """Settings changed since the checkpoint (only those `resume_changes` allows) take effect after its state is
+        loaded: the restored optimizer and schedules would otherwise keep the old LR and weight decay."""
+        state = self.state
+        for key, old, new in self.resume_changes:
+            if key == "optimizer.lr":
+                scale_learning_rates_(state.optimizer, [s for t in self.techniques for s in t.lr_schedulers()],
+                                      new / old)
+            elif key == "optimizer.weight_decay":
+                for group in state.optimizer.param_groups:
+                    if group.get("weight_decay", 0.0) > 0:  # the no-decay groups stay at 0
+                        group["weight_decay"] = new
+        if self.resume_changes and self.accelerator.is_main_process:
+            print("resume: changed since the checkpoint: "
+                  + ", ".join(f"{key} {old} -> {new}" for key, old, new in self.resume_changes))
+
     def _epochs_done(self) -> float:
         """Epochs trained, with the current epoch's fraction: the same count in log lines, metrics and summary."""
         return self.state.epoch + self.state.batch_in_epoch / max(len(self.data["train"]), 1)
@@ -508,7 +531,8 @@ class Trainer:
         if self._last_checkpoint_step == self.state.step:
             return
         save_checkpoint(self.accelerator, self.config.output_dir, self.state.step, self.config.keep_checkpoints,
-                        self.backend, finite=weights_finite(self.accelerator, self.state.model))
+                        self.backend, finite=weights_finite(self.accelerator, self.state.model),
+                        files={"config.yaml": config_to_yaml(self.config)})
         self._last_checkpoint_step = self.state.step
 
     def _start_tracking(self) -> None:

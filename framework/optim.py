@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.optim import lr_scheduler
 
 from framework.errors import ConfigError
 
@@ -79,3 +80,22 @@ class OptimizerConfig:
             return torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
                                    nesterov=self.momentum > 0)
         return torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
+
+
+#: Optimizer group keys that hold learning rates (torch's schedulers keep some of them in the groups).
+LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
+
+
+def scale_learning_rates_(optimizer: torch.optim.Optimizer, schedulers: Iterable[Any], factor: float) -> None:
+    """Multiply every learning rate by `factor` for the rest of the run: the optimizer's groups and the schedulers'
+    base LRs (torch's schedulers compute later LRs from one or the other)."""
+    for group in optimizer.param_groups:
+        for key in LR_KEYS:
+            if key in group:
+                group[key] *= factor
+    for scheduler in schedulers:
+        for inner in [scheduler, *getattr(scheduler, "_schedulers", [])]:  # SequentialLR holds warmup + main
+            if hasattr(inner, "base_lrs"):
+                inner.base_lrs = [lr * factor for lr in inner.base_lrs]
+            if isinstance(inner, lr_scheduler.LRScheduler):
+                inner._last_lr = [group["lr"] for group in optimizer.param_groups]

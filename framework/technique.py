@@ -113,6 +113,10 @@ class Technique:
     def eval_end(self, state: TrainState) -> None: ...
     def fit_end(self, state: TrainState) -> None: ...
 
+    def lr_schedulers(self) -> list[Any]:
+        """The torch LR schedulers this technique steps (a rollback or a changed LR on resume rescales them)."""
+        return []
+
     def test_weights(self, state: TrainState) -> Mapping[str, AbstractContextManager]:
         """Other weights the test split is also evaluated on at the end, by metric prefix (e.g. "test_best"): each a
         context manager that swaps them into the model and back. They are the weights an evaluation already ran on,

@@ -422,3 +422,19 @@ def test_overwrite_empties_the_earlier_run_and_refuses_a_directory_that_is_no_ru
     with pytest.raises(ConfigError, match="holds files but no earlier run"):
         make_trainer(foreign, batch_size=4, n=16, epochs=1, overwrite=True)
     assert (foreign / "thesis.tex").read_text() == "precious"
+
+
+def test_measuring_the_gradient_norm_leaves_the_gradients_alone(tmp_path):
+    """Gradients of ~1e22, whose fp32 norm overflows to inf: the log step's grad_norm measurement must not scale
+    them (a clip at max_norm=inf would multiply them by inf/inf = NaN)."""
+    from framework.backend import gradient_norm
+
+    trainer = make_trainer(tmp_path, batch_size=4, n=8, epochs=1)
+    parameters = list(trainer.state.model.parameters())
+    for p in parameters:
+        p.grad = torch.full_like(p, 1e22)
+    before = [p.grad.clone() for p in parameters]
+    norm = gradient_norm(trainer.accelerator, parameters)
+    assert torch.isinf(norm)  # the true norm, 1e22 · √15, does not fit in fp32
+    for p, g in zip(parameters, before):
+        assert torch.equal(p.grad, g)

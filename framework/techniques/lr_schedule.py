@@ -179,6 +179,10 @@ class LRSchedule(Technique):
         main = self.build(optimizer, state, state.max_steps - self.warmup)
         self.scheduler = lr_scheduler.SequentialLR(optimizer, [warmup, main], milestones=[self.warmup])
 
+    def lr_schedulers(self) -> list[lr_scheduler.LRScheduler]:
+        schedulers = [self.scheduler, getattr(self, "after_warmup", None)]  # plateau: the one after the warmup too
+        return [s for i, s in enumerate(schedulers) if s is not None and s not in schedulers[:i]]
+
     def after_optimizer_step(self, state: TrainState) -> None:
         if getattr(state.optimizer, "step_was_skipped", False):  # fp16 overflow: the step did not happen
             return

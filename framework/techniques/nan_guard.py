@@ -14,15 +14,14 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch.optim import lr_scheduler
 
 from framework.checkpoint import load_checkpoint, newest_healthy_checkpoint
 from framework.errors import ConfigError
+from framework.optim import scale_learning_rates_
 from framework.state import TrainState
 from framework.technique import Backend, IncompatibleError, Technique, register
 
 #: Optimizer-group entries that hold a learning rate (OneCycleLR keeps its peak and ends in the group).
-LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
 
 
 def nonfinite(tensors: Iterable[torch.Tensor | None]) -> torch.Tensor:
@@ -33,21 +32,6 @@ def nonfinite(tensors: Iterable[torch.Tensor | None]) -> torch.Tensor:
         return torch.zeros((), dtype=torch.bool)
     norms = torch.stack([n.float() for n in torch._foreach_norm(present)])
     return ~torch.isfinite(norms).all()
-
-
-def scale_learning_rates_(optimizer: torch.optim.Optimizer, schedulers: Iterable[Any], factor: float) -> None:
-    """Multiply every learning rate by `factor` for the rest of the run: the optimizer's groups and the schedulers'
-    base LRs (torch's schedulers compute later LRs from one or the other)."""
-    for group in optimizer.param_groups:
-        for key in LR_KEYS:
-            if key in group:
-                group[key] *= factor
-    for scheduler in schedulers:
-        for inner in [scheduler, *getattr(scheduler, "_schedulers", [])]:  # SequentialLR holds warmup + main
-            if hasattr(inner, "base_lrs"):
-                inner.base_lrs = [lr * factor for lr in inner.base_lrs]
-            if isinstance(inner, lr_scheduler.LRScheduler):
-                inner._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 @register("nan_guard")
@@ -108,7 +92,7 @@ class NaNGuard(Technique):
         load_checkpoint(state.accelerator, checkpoint, state.model, registered)  # every rank: they agreed
         self.skipped, self.rollbacks = counters  # the guard's own counts outlive the rollback
         self.consecutive = 0
-        schedulers = [t.scheduler for t in state.techniques if getattr(t, "scheduler", None) is not None]
+        schedulers = [s for t in state.techniques for s in t.lr_schedulers()]
         scale_learning_rates_(state.optimizer, schedulers, self.lr_factor)
         state.rolled_back = True
         state.log(**{"nan_guard/rollbacks": self.rollbacks})
