@@ -93,7 +93,8 @@ LOCK = ".lock"
 def acquire_run_lock(output_dir: str | os.PathLike) -> Path:
     """Make `output_dir` this process's run directory: one run at a time. The lock file holds the pid and host of the
     run that holds it; a second run is refused with one line. A lock whose process is gone (a run killed with
-    SIGKILL) is stale and taken over with a warning; a lock of another host cannot be checked and is refused."""
+    SIGKILL) is stale and taken over with a warning, and so is one left by this same SLURM job before it was
+    requeued; a lock of another host cannot be checked otherwise and is refused."""
     import socket
     import time
 
@@ -104,7 +105,8 @@ def acquire_run_lock(output_dir: str | os.PathLike) -> Path:
         raise ConfigError(f"output_dir {directory} cannot be used: {error.strerror or error}. Pass a directory "
                           "you can write to as --output_dir.") from None
     lock, host = directory / LOCK, socket.gethostname()
-    mine = {"pid": os.getpid(), "host": host, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    job = os.environ.get("SLURM_JOB_ID")  # a requeued SLURM job keeps its id, and may land on another node
+    mine = {"pid": os.getpid(), "host": host, "job": job, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     while True:
         try:
             with open(lock, "x") as handle:  # atomic: exactly one of two racing runs creates it
@@ -123,7 +125,8 @@ def acquire_run_lock(output_dir: str | os.PathLike) -> Path:
         if pid == os.getpid() and where == host:  # this process's own earlier Trainer
             lock.unlink(missing_ok=True)
             continue
-        alive = where != host or _process_alive(pid)
+        requeued = job is not None and holder.get("job") == job  # this job's earlier run, before its requeue
+        alive = not requeued and (where != host or _process_alive(pid))
         if alive:
             raise ConfigError(
                 f"output_dir {directory} is in use by process {pid} on {where} (since {holder.get('started')}): two "

@@ -48,13 +48,16 @@ def test_sbatch_script_takes_the_first_host_without_a_broken_pipe(tmp_path):
     (fake / "accelerate").write_text('#!/bin/bash\necho "rank $SLURM_NODEID: $*"\n')
     for script in fake.iterdir():
         script.chmod(0o755)
-    env = launch_environment({"PATH": f"{fake}:{launch_environment()['PATH']}", "SLURM_JOB_NODELIST": "node[1-2]",
-                              "SLURM_NNODES": "2", "GPUS_PER_NODE": "1", "ACCELERATE": str(fake / "accelerate")})
-    result = subprocess.run(["bash", str(SCRIPT), "recipes/image_classification.py", "--epochs", "1"], cwd=ROOT,
-                            env=env, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
-    assert "main process: 10.0.0.1:29514" in result.stdout
-    for rank in (0, 1):
-        assert f"rank {rank}: launch --config_file launch_configs/multi_node.yaml --num_machines 2 " \
-               f"--num_processes 2 --machine_rank {rank} --main_process_ip 10.0.0.1 --main_process_port 29514 " \
-               "recipes/image_classification.py --resume_from latest --epochs 1" in result.stdout
+    for restarts, resume in (("0", ""), ("2", "--resume_from latest ")):
+        # A fresh job starts a fresh run; only a requeued one (SLURM_RESTART_COUNT > 0) resumes.
+        env = launch_environment({"PATH": f"{fake}:{launch_environment()['PATH']}",
+                                  "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_NNODES": "2", "GPUS_PER_NODE": "1",
+                                  "ACCELERATE": str(fake / "accelerate"), "SLURM_RESTART_COUNT": restarts})
+        result = subprocess.run(["bash", str(SCRIPT), "recipes/image_classification.py", "--epochs", "1"], cwd=ROOT,
+                                env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
+        assert "main process: 10.0.0.1:29514" in result.stdout
+        for rank in (0, 1):
+            assert f"rank {rank}: launch --config_file launch_configs/multi_node.yaml --num_machines 2 " \
+                   f"--num_processes 2 --machine_rank {rank} --main_process_ip 10.0.0.1 --main_process_port 29514 " \
+                   f"recipes/image_classification.py {resume}--epochs 1" in result.stdout

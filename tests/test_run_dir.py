@@ -81,3 +81,18 @@ def test_after_a_resume_metrics_hold_each_step_once(tmp_path):
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()
              if "train/loss" in json.loads(line)]
     assert steps == list(range(1, 13))  # log_every 1: every step once, none repeated
+
+
+def test_a_lock_from_another_host_is_refused_unless_this_slurm_job_left_it(tmp_path, monkeypatch):
+    from framework.checkpoint import acquire_run_lock, release_run_lock
+
+    (tmp_path / ".lock").write_text(json.dumps({"pid": 1234, "host": "node7", "job": "991"}))
+    monkeypatch.setenv("SLURM_JOB_ID", "992")  # another job: that run may be alive on node7
+    with pytest.raises(ConfigError, match="in use by process 1234 on node7"):
+        acquire_run_lock(tmp_path)
+    monkeypatch.setenv("SLURM_JOB_ID", "991")  # this job, requeued onto another node: its earlier run is gone
+    with pytest.warns(UserWarning, match="stale lock"):
+        acquire_run_lock(tmp_path)
+    assert json.loads((tmp_path / ".lock").read_text())["job"] == "991"
+    release_run_lock(tmp_path)
+    assert not (tmp_path / ".lock").exists()
