@@ -32,6 +32,7 @@ from framework.backend import (
     weights_swapped_in,
 )
 from framework.checkpoint import (
+    LOCK,
     acquire_run_lock,
     check_overwritable,
     check_resumable,
@@ -587,5 +588,5 @@ class Trainer:
             print("\n".join(f"{k:>18s} = {v:.4f}" for k, v in results.items()))
             if "overfit_batches" in state.summary:
                 print(overfit_verdict(self.config.overfit_batches, **state.summary["overfit_batches"]))
-            print(f"wrote {state.output_dir}/:\n  " + "\n  ".join(sorted(p.name for p in state.output_dir.iterdir())))
+            print(f"wrote {state.output_dir}/:\n  " + "\n  ".join(sorted(p.name for p in state.output_dir.iterdir() if p.name != LOCK)))
         return summary
