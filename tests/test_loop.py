@@ -438,3 +438,11 @@ def test_measuring_the_gradient_norm_leaves_the_gradients_alone(tmp_path):
     assert torch.isinf(norm)  # the true norm, 1e22 · √15, does not fit in fp32
     for p, g in zip(parameters, before):
         assert torch.equal(p.grad, g)
+
+
+def test_summary_counts_epochs_the_same_after_resuming_a_final_mid_epoch_checkpoint(tmp_path):
+    first = make_trainer(tmp_path, batch_size=4, n=16, epochs=3, max_steps=6, doctor=False).fit()
+    reset_accelerate()
+    again = make_trainer(tmp_path, batch_size=4, n=16, epochs=3, max_steps=6, doctor=False, resume_from="latest").fit()
+    assert first["run"]["epochs"] == again["run"]["epochs"] == 1.5  # 6 steps of 4 per epoch
+    assert first["run"]["steps"] == again["run"]["steps"] == 6
