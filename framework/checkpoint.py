@@ -251,12 +251,6 @@ def check_resumable(path: Path, backend: Backend) -> None:
     """Refuse a checkpoint whose layout this backend cannot load (DeepSpeed's is sharded per rank and stage)."""
     written = json.loads((path / MARKER).read_text())["backend"]
     was, now = written.get("deepspeed_stage"), backend.deepspeed_stage
-    if was is None and now is None and written.get("num_processes", 1) != backend.num_processes:
-        raise ConfigError(
-            f"checkpoint {path} was written on {written['num_processes']} processes and this run has "
-            f"{backend.num_processes} process(es): its data position counts each process's batches, so the rest of "
-            f"the epoch would skip or repeat samples. Resume on {written['num_processes']} processes "
-            "(--num_processes), or start a new run from its model.safetensors.")
     if was == now and (was is None or written["num_processes"] == backend.num_processes):
         return
     wrote = f"DeepSpeed ZeRO-{was} on {written['num_processes']} processes" if was else "a run without DeepSpeed"
@@ -266,6 +260,32 @@ def check_resumable(path: Path, backend: Backend) -> None:
         fix += (f", or start a new run from its consolidated weights (`python -m framework.checkpoint consolidate "
                 f"{path} DIR` writes DIR/model.safetensors; or the run's model.safetensors)")
     raise ConfigError(f"checkpoint {path} was written by {wrote} and cannot be loaded by {runs}: {fix}.")
+
+
+def saved_world_size(path: Path) -> int:
+    """The number of processes that wrote checkpoint `path`."""
+    return int(read_marker(path)["backend"].get("num_processes", 1))
+
+
+def saved_batch_position(path: Path) -> int:
+    """The micro-batches of its epoch that checkpoint `path` had consumed on each process (the train state is always
+    the first registered object), read weights-only."""
+    with weights_only_loads():
+        return int(torch.load(path / "custom_checkpoint_0.pkl", map_location="cpu")["batch_in_epoch"])
+
+
+def batch_position_for_world_size(batches: int, old_world: int, new_world: int, accumulation: int) -> int:
+    """Elastic resume: the per-process batch position on `new_world` processes that continues after the same samples
+    as `batches` on `old_world` (each optimizer step of accelerate's sharded sampler takes the next batches of one
+    shared order, one per process, so the position is carried by samples seen). A position that falls inside a batch
+    of the new world size, or inside an accumulation window, cannot be continued exactly and is refused."""
+    consumed = batches * old_world  # batches of the shared order
+    if consumed % new_world or (consumed // new_world) % accumulation:
+        raise ConfigError(
+            f"the checkpoint stopped after {batches} batches of {old_world} process(es) in its epoch, which is not a "
+            f"whole number of steps of {new_world} process(es) with accumulation {accumulation}: the rest of the epoch "
+            f"would skip or repeat samples. Resume on {old_world} process(es), or from a checkpoint at an epoch end.")
+    return consumed // new_world
 
 
 def resolve_resume(resume_from: str | None, output_dir: str | os.PathLike, overwrite: bool = False) -> Path | None:

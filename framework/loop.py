@@ -34,6 +34,7 @@ from framework.backend import (
 from framework.checkpoint import (
     LOCK,
     acquire_run_lock,
+    batch_position_for_world_size,
     check_overwritable,
     check_resumable,
     clear_run,
@@ -41,6 +42,8 @@ from framework.checkpoint import (
     release_run_lock,
     resolve_resume,
     save_checkpoint,
+    saved_batch_position,
+    saved_world_size,
 )
 from framework.config import TrainerConfig, config_to_yaml, flatten, resume_changes
 from framework.errors import ConfigError, FrameworkError
@@ -148,8 +151,13 @@ class Trainer:
         self._holds_lock = trains
         self.resume_path = resolve_resume(config.resume_from, config.output_dir, config.overwrite) if trains else None
         self.resume_changes: list[tuple[str, Any, Any]] = []
+        self._resumed_world = self.backend.num_processes
         if self.resume_path is not None:
             check_resumable(self.resume_path, self.backend)
+            self._resumed_world = saved_world_size(self.resume_path)
+            if self._resumed_world != self.backend.num_processes:  # elastic: refuse now what cannot continue exactly
+                batch_position_for_world_size(saved_batch_position(self.resume_path), self._resumed_world,
+                                              self.backend.num_processes, config.gradient_accumulation_steps)
             if (self.resume_path / "config.yaml").is_file():  # what the checkpoint was written with
                 saved = yaml.safe_load((self.resume_path / "config.yaml").read_text())
                 self.resume_changes = resume_changes(saved, config)
@@ -218,6 +226,12 @@ class Trainer:
             accelerator.print(f"resuming from {self.resume_path}")
             load_checkpoint(accelerator, self.resume_path, state.model, registered)
             self._last_checkpoint_step = state.step
+            if self._resumed_world != accelerator.num_processes:  # elastic: the same samples seen, other batches
+                state.batch_in_epoch = batch_position_for_world_size(
+                    state.batch_in_epoch, self._resumed_world, accelerator.num_processes,
+                    config.gradient_accumulation_steps)
+                accelerator.print(f"resume: {self._resumed_world} -> {accelerator.num_processes} processes; "
+                                  f"continuing the epoch after the same {state.batch_in_epoch} batches per process")
             self._apply_resume_changes()
             if accelerator.is_main_process:
                 drop_metrics_after(state.output_dir, state.step)

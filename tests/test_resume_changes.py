@@ -1,6 +1,7 @@
 """Changes between restarts are never silent: on resume the config is compared with the checkpoint's. What would
-misread the saved state (data, model, accumulation, seed, techniques, world size) is refused with the key named;
-what can be applied (LR, weight decay, epochs, max_steps, intervals) is applied and printed, and config.yaml holds it."""
+misread the saved state (data, model, accumulation, seed, techniques) is refused with the key named;
+what can be applied (LR, weight decay, epochs, max_steps, intervals) is applied and printed, and config.yaml holds it.
+(A DDP run resumes on another world size: tests/test_elastic_resume.py.)"""
 
 from __future__ import annotations
 
@@ -58,8 +59,10 @@ def test_a_change_that_would_misread_the_state_is_refused(run_to_step_8, change,
     assert "cannot change on resume" in resumed.stderr
 
 
-def test_a_checkpoint_of_another_world_size_is_refused(tmp_path):
-    (tmp_path / MARKER).write_text(json.dumps({"step": 4, "backend": {"distributed_type": "MULTI_CPU",
-                                                                      "num_processes": 2}}))
-    with pytest.raises(ConfigError, match="2 processes.*1 process"):
-        check_resumable(tmp_path, Backend(num_processes=1))
+def test_a_deepspeed_checkpoint_of_another_world_size_is_refused(tmp_path):
+    """DDP checkpoints resume on another world size (tests/test_elastic_resume.py); DeepSpeed's are sharded per rank:
+    refused with the conversion command."""
+    (tmp_path / MARKER).write_text(json.dumps({"step": 4, "backend": {"distributed_type": "DEEPSPEED",
+                                                                      "num_processes": 2, "deepspeed_stage": 2}}))
+    with pytest.raises(ConfigError, match="ZeRO-2 on 2 processes.*ZeRO-2 on 1 processes.*consolidate"):
+        check_resumable(tmp_path, Backend(distributed_type="DEEPSPEED", num_processes=1, deepspeed_stage=2))
