@@ -1,6 +1,6 @@
 """Data loading: the framework's image loader (framework/data: the embedded digits through `datasets` with the
 recipe's torchvision v2 pipeline at 32×32, batch 64, `make_loader`'s workers) against a raw `DataLoader(dataset,
-batch_size=64, shuffle=True)` on the very same dataset object and transforms: throughput (samples per second of
+batch_size=64)` in the same shuffled order on the very same dataset object and transforms: throughput (samples per second of
 whole epochs), interleaved rounds, each on fresh loaders whose first epoch (worker start-up) is dropped. Checked first: both yield the same batches.
 
 Then `perf/data_wait`, the share of training time the loop waited for data, as the framework logs it against an
@@ -37,8 +37,8 @@ TARGET_THROUGHPUT, TARGET_POINTS = 0.98, 0.02
 def loaders(num_workers: int | None = None) -> dict[str, torch.utils.data.DataLoader]:
     data = image_data(ImageDataConfig(num_workers=num_workers), seed=0)
     framework = data.loaders["train"]
-    raw = torch.utils.data.DataLoader(framework.dataset, batch_size=framework.batch_size, shuffle=True,
-                                      generator=torch.Generator().manual_seed(0))
+    order = torch.randperm(len(framework.dataset), generator=torch.Generator().manual_seed(0)).tolist()
+    raw = torch.utils.data.DataLoader(framework.dataset, batch_size=framework.batch_size, sampler=order)
     return {FRAMEWORK: framework, RAW: raw}
 
 

@@ -309,6 +309,8 @@ FIXED_ON_RESUME = ("data.", "model.", "gradient_accumulation_steps", "seed", "op
                    "optimizer.no_decay")
 #: Keys that name where the run is, not what it does: never compared.
 NOT_COMPARED = ("output_dir", "resume_from", "overwrite")
+#: Data keys that change how fast batches come, not which ones (augmentation draws do not depend on workers).
+DATA_SPEED = ("data.num_workers", "data.prefetch_factor", "data.eval_batch_size")
 
 
 def resume_changes(saved: dict[str, Any], config: Any) -> list[tuple[str, Any, Any]]:
@@ -325,14 +327,26 @@ def resume_changes(saved: dict[str, Any], config: Any) -> list[tuple[str, Any, A
                if before.get(key) != now.get(key) and not key.startswith(NOT_COMPARED)
                and (not key.startswith("techniques.") or key.split(".")[1] in used["before"] & used["now"])]
     fixed = [f"{key} {old!r} -> {new!r}" for key, old, new in changed
-             if key.startswith(FIXED_ON_RESUME) and not key.startswith("techniques.")]
-    fixed += [f"techniques.{name} added" for name in sorted(used["now"] - used["before"])]
-    fixed += [f"techniques.{name} removed" for name in sorted(used["before"] - used["now"])]
+             if key.startswith(FIXED_ON_RESUME) and not key.startswith(DATA_SPEED)]
+    # A technique with checkpointed state cannot come or go; one without (a logger, a probe) can.
+    fixed += [f"techniques.{name} added" for name in sorted(used["now"] - used["before"]) if _stateful(name)]
+    fixed += [f"techniques.{name} removed" for name in sorted(used["before"] - used["now"]) if _stateful(name)]
+    changed += [(f"techniques.{name}", "absent" if name in used["now"] else "listed",
+                 "listed" if name in used["now"] else "absent") for name in sorted(used["now"] ^ used["before"])]
     if fixed:
         raise ConfigError(
             f"these settings cannot change on resume, since the checkpoint's state depends on them: {'; '.join(fixed)}. "
             "Resume with the checkpoint's values (its config.yaml), or start a new run in another --output_dir.")
     return changed
+
+
+def _stateful(name: str) -> bool:
+    """Does the registered technique `name` keep state in checkpoints (unknown names count as stateful)?"""
+    import framework.techniques  # noqa: F401  (registers the built-in techniques)
+    from framework.technique import TECHNIQUES, Technique
+
+    technique = TECHNIQUES.get(name)
+    return technique is None or technique.state_dict is not Technique.state_dict
 
 
 def run_main(main: Callable[[], Any]) -> None:

@@ -27,6 +27,7 @@ from framework.data import (
 )
 from framework.data.augment import AUGMENTATIONS, train_pipeline
 from framework.data.images import channel_stats, cached_channel_stats
+from framework.data.loaders import EpochSampler
 from framework.errors import ConfigError
 from framework.loop import Trainer
 from framework.models.resnet import ResNet, ResNetConfig
@@ -185,14 +186,42 @@ def test_every_augmentation_runs_through_datasets_with_two_workers(source, image
         assert x.shape == (4, channels, 16, 16) and torch.isfinite(x).all(), augmentation
 
 
-def test_augmentation_changes_images_and_evaluation_does_not():
+def test_augmentation_is_a_function_of_seed_epoch_and_index():
     data = image_data(ImageDataConfig(batch_size=16, num_workers=0, augment={"rotation": {"degrees": 30}},
                                       image_size=16))
     evaluation = [next(iter(data.loaders["test"]))["pixel_values"] for _ in range(2)]
     assert torch.equal(*evaluation)  # the evaluation pipeline is deterministic
     train = data.loaders["train"].dataset
-    first, second = train[0]["pixel_values"], train[0]["pixel_values"]
-    assert not torch.equal(first, second)  # a fresh random rotation each time
+    state = torch.get_rng_state()
+    first, again = train[0]["pixel_values"], train[0]["pixel_values"]
+    assert torch.equal(first, again)  # the same sample in the same epoch: the same rotation, however often built
+    assert torch.equal(torch.get_rng_state(), state)  # and building it moved no random stream
+    train.image_transform.set_epoch(1)
+    assert not torch.equal(first, train[0]["pixel_values"])  # a fresh random rotation each epoch
+    reseeded = image_data(ImageDataConfig(batch_size=16, num_workers=0, augment={"rotation": {"degrees": 30}},
+                                          image_size=16), seed=1).loaders["train"].dataset
+    assert not torch.equal(first, reseeded[0]["pixel_values"])  # and for each seed
+
+
+def test_augmented_batches_do_not_depend_on_workers_or_on_the_random_stream():
+    """What a resumed run relies on: epoch after epoch (persistent workers included), the training batches are the
+    same built in-process or by 2 workers, whatever the process's random stream holds."""
+    augment = {"random_resized_crop": {}, "rotation": {"degrees": 20}, "random_erasing": {"p": 0.5}}
+
+    def epochs(workers):
+        loader = image_data(ImageDataConfig(batch_size=128, num_workers=workers, augment=augment, image_size=16),
+                            seed=3).loaders["train"]
+        batches = []
+        for epoch in (0, 1):
+            torch.manual_seed(100 * workers + epoch)  # a different stream in each case
+            loader.sampler.set_epoch(epoch)
+            batches.append([batch["pixel_values"] for batch in loader])
+        return batches
+
+    in_process, two_workers = epochs(0), epochs(2)
+    for epoch in (0, 1):
+        assert len(in_process[epoch]) == len(two_workers[epoch]) == 10
+        assert all(torch.equal(a, b) for a, b in zip(in_process[epoch], two_workers[epoch])), epoch
 
 
 def test_bad_augmentation_config_is_refused_before_loading():
@@ -225,6 +254,30 @@ def test_tuned_loader_settings(monkeypatch):
     assert loader.pin_memory == torch.cuda.is_available()
     orders = [torch.cat(list(make_loader(list(range(10)), 5, shuffle=True, num_workers=0, seed=0))) for _ in "ab"]
     assert torch.equal(*orders) and not torch.equal(orders[0], torch.arange(10))
+
+
+def test_epoch_sampler_orders_as_accelerates_seedable_sampler_and_announces_each_epoch():
+    from accelerate import Accelerator
+    from accelerate.data_loader import SeedableRandomSampler
+    from accelerate.utils import DataLoaderConfiguration
+
+    for epoch in (0, 3):  # the order the training loader had with a RandomSampler, which accelerate replaced
+        seedable = SeedableRandomSampler(range(50), generator=torch.Generator(), data_seed=7)
+        seedable.set_epoch(epoch)
+        sampler = EpochSampler(50, seed=7)
+        sampler.set_epoch(epoch)
+        assert list(sampler) == list(seedable)
+
+    announced = []
+    accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    loader = accelerator.prepare(make_loader(list(range(40)), batch_size=4, shuffle=True, num_workers=0, seed=0,
+                                             on_epoch=announced.append))
+    assert isinstance(loader.batch_sampler.sampler, EpochSampler)  # kept by accelerate, so set_epoch reaches it
+    loader.set_epoch(5)
+    full = [batch.tolist() for batch in loader]
+    loader.set_epoch(5)
+    rest = [batch.tolist() for batch in accelerator.skip_first_batches(loader, 3)]  # a mid-epoch resume
+    assert rest == full[3:] and announced == [5, 5]
 
 
 class SlowData(torch.utils.data.Dataset):

@@ -76,30 +76,81 @@ class ImageDataConfig:
 
 
 class ImageBatchTransform:
-    """A split's `with_transform` function: PIL images -> tensors through the pipeline for the current size.
+    """PIL images -> tensors through the pipeline for the current size; random draws from (seed, epoch, index).
 
-    The size is a tensor in shared memory, so progressive resizing can change it from the training process and the
-    DataLoader's worker processes (persistent ones included) build their next batches at the new size.
+    The size and the epoch are tensors in shared memory, so the training process changes them (progressive resizing;
+    the loader's `EpochSampler` as each epoch starts) and the DataLoader's worker processes, persistent ones
+    included, build their next batches with the new values.
+
+    A random pipeline (training) draws each sample's augmentation from the global torch generator seeded with a hash
+    of (seed, epoch, sample index), and puts the generator's state back after the batch. So an augmentation does not
+    depend on which process or worker builds it, nor on what that process drew before, and building a batch moves
+    no random stream: a batch accelerate fetches one ahead of the step a checkpoint is saved at, and builds again
+    after resuming, is built the same both times; with `num_workers: 0` the training process's stream (Mixup,
+    stochastic depth, saved with the checkpoint) is left as it was.
     """
 
     def __init__(self, make_pipeline: Callable[[int], Callable], image_size: int, image_column: str,
-                 label_column: str, mode: str):
+                 label_column: str, mode: str, seed: int | None = None):
         self.size = torch.tensor(image_size).share_memory_()
+        self.epoch = torch.tensor(0, dtype=torch.int64).share_memory_()
         self.full_size = image_size
         self.make_pipeline = make_pipeline
         self.image_column, self.label_column, self.mode = image_column, label_column, mode
+        self.seed = seed
+        """None: a deterministic pipeline (evaluation), applied without seeding."""
         self._pipelines: dict[int, Callable] = {}
 
     def set_size(self, size: int) -> None:
         self.size.fill_(size)
 
-    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch.fill_(epoch)
+
+    def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         size = int(self.size)
         if size not in self._pipelines:
             self._pipelines[size] = self.make_pipeline(size)
         pipeline = self._pipelines[size]
-        return {"pixel_values": [pipeline(image.convert(self.mode)) for image in batch[self.image_column]],
-                "label": batch[self.label_column]}
+        images = [image.convert(self.mode) for image in batch[self.image_column]]
+        if self.seed is None:
+            pixels = [pipeline(image) for image in images]
+        else:
+            epoch, generator = int(self.epoch), torch.default_generator  # torchvision v2 draws from the global one
+            with torch.random.fork_rng(devices=[]):  # CPU stream saved here, restored after the batch
+                pixels = []
+                for image, index in zip(images, indices):
+                    generator.manual_seed(sample_seed(self.seed, epoch, index))
+                    pixels.append(pipeline(image))
+        return {"pixel_values": pixels, "label": batch[self.label_column]}
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one sample's augmentation: a hash, so nearby (seed, epoch, index) give unrelated streams."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class TransformedSplit(torch.utils.data.Dataset):
+    """A split (a `datasets.Dataset`) seen through an `ImageBatchTransform`, which is given each sample's index.
+
+    (`datasets`' own `with_transform` hands the transform the rows without their indices.) A DataLoader fetches a
+    whole batch with one `__getitems__` call, one Arrow read, as it would from the split itself.
+    """
+
+    def __init__(self, split: datasets.Dataset, transform: ImageBatchTransform):
+        self.split = split.select_columns([transform.image_column, transform.label_column])
+        self.image_transform = transform  # found by progressive resizing through the (prepared) loader
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        columns = self.image_transform(self.split[list(indices)], list(indices))
+        return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.__getitems__([index])[0]
 
 
 def size_control(loader: DataLoader) -> ImageBatchTransform | None:
@@ -194,12 +245,13 @@ def image_data(config: ImageDataConfig, seed: int = 0) -> ImageData:
         make_pipeline = (functools.partial(train_pipeline, augment=config.augment, mean=mean, std=std) if training
                          else functools.partial(eval_pipeline, mean=mean, std=std,
                                                 crop_fraction=config.eval_crop_fraction))
-        transform = ImageBatchTransform(make_pipeline, config.image_size, image_column, label_column, mode)
-        dataset = dataset.with_transform(transform, columns=[image_column, label_column])
-        dataset.image_transform = transform  # found by progressive resizing through the (prepared) loader
-        loaders[split] = make_loader(dataset, config.batch_size if training else config.eval_batch_size,
+        transform = ImageBatchTransform(make_pipeline, config.image_size, image_column, label_column, mode,
+                                        seed=seed if training else None)
+        loaders[split] = make_loader(TransformedSplit(dataset, transform),
+                                     config.batch_size if training else config.eval_batch_size,
                                      shuffle=training, num_workers=config.num_workers,
-                                     prefetch_factor=config.prefetch_factor, seed=seed if training else None)
+                                     prefetch_factor=config.prefetch_factor, seed=seed if training else None,
+                                     on_epoch=transform.set_epoch if training else None)
     names = splits["train"].features[label_column].names
     return ImageData(config, splits, loaders, names, mode, mean, std, skipped)
 
