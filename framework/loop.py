@@ -529,7 +529,9 @@ class Trainer:
             return
         self.model_summary = model_summary(accelerator.unwrap_model(state.model))
         stage = f" ZeRO-{self.backend.deepspeed_stage}" if self.backend.deepspeed_stage is not None else ""
-        where = f"{self.backend.distributed_type}{stage}, {self.backend.device_type}, {self.backend.mixed_precision}"
+        kind = "one process" if self.backend.distributed_type == "NO" else self.backend.distributed_type
+        precision = "fp32" if self.backend.mixed_precision == "no" else self.backend.mixed_precision
+        where = f"{kind}{stage}, {self.backend.device_type}, {precision}"
         print(describe_start(self.model_summary, self.batch, state.steps_per_epoch, state.max_steps, where))
         if config.tracker == "tensorboard":
             print(f"TensorBoard: tensorboard --logdir {state.output_dir}")
