@@ -61,7 +61,8 @@ class TrainerConfig:
     keep_checkpoints: int = 2
     """How many of the newest checkpoints to keep."""
     handle_preemption: bool = True
-    """On SIGTERM or SIGUSR1 (to any rank) every rank stops after the same step, saves a checkpoint and exits 0."""
+    """On SIGTERM, SIGUSR1 or a first Ctrl-C (to any rank) every rank stops after the same step, saves a checkpoint
+    and exits 0 (a second Ctrl-C aborts)."""
     project: str = "framework"
     """Tracker project name."""
     run_name: Optional[str] = None

@@ -52,7 +52,7 @@ from framework.nn.norm import frozen_running_statistics
 from framework.state import TrainState
 from framework.task import Task
 from framework.plots import plot_lr_curves
-from framework.preemption import PreemptionWatch
+from framework.preemption import PreemptionWatch, exit_with_launcher
 from framework.technique import Technique, build_techniques, check_techniques, hook_table
 from framework.techniques.lr_finder import find_lr
 from framework.techniques.lr_schedule import schedule_lrs
@@ -120,6 +120,7 @@ class Trainer:
         pictures: dict[str, Callable[[Path], Any]] | None = None,
         inference_files: dict[str, Any] | None = None,
     ):
+        exit_with_launcher()  # a rank whose launcher dies (SIGKILL) stops too, gracefully, instead of training on
         self.config = config
         self.task = task
         self.techniques = build_techniques(config.techniques) if techniques is None else list(techniques)
@@ -149,6 +150,30 @@ class Trainer:
         if trains and main_process_decides(self.accelerator, refusal is not None):
             raise refusal or ConfigError(f"output_dir {config.output_dir} is in use by another run (see rank 0).")
         self._holds_lock = trains
+        try:
+            self._prepare_output_dir(trains)
+        except BaseException:  # refused: the directory is left as it was, lock included
+            if trains and self.accelerator.is_main_process:
+                release_run_lock(config.output_dir)
+            raise
+        self.accelerator.wait_for_everyone()
+        self.data = {"train": train_data, "val": eval_data, "test": test_data}
+        self.batch = batch_layout(getattr(train_data, "batch_size", None), self.accelerator.num_processes,
+                                  config.gradient_accumulation_steps)
+        self.pictures = dict(pictures or {})
+        self.inference_files = dict(inference_files or {})
+        self.state = TrainState(self.accelerator, model, optimizer, Path(config.output_dir),
+                                techniques=self.techniques, task=task)
+        self._hooks = hook_table(self.techniques)
+        self._step_owner = next((t for t in self.techniques if t.owns_optimizer_step), None)
+        self._last_checkpoint_step = -1
+        self._preemption: PreemptionWatch | None = None
+
+    def _prepare_output_dir(self, trains: bool) -> None:
+        """Find the checkpoint to resume from and refuse what cannot continue it (another backend, a changed
+        setting that shapes the saved state, a world size whose position cannot be carried over); or, for a fresh
+        start with --overwrite, empty the earlier run's directory."""
+        config = self.config
         self.resume_path = resolve_resume(config.resume_from, config.output_dir, config.overwrite) if trains else None
         self.resume_changes: list[tuple[str, Any, Any]] = []
         self._resumed_world = self.backend.num_processes
@@ -165,18 +190,6 @@ class Trainer:
             check_overwritable(config.output_dir)
             if self.accelerator.is_main_process:
                 clear_run(config.output_dir)
-        self.accelerator.wait_for_everyone()
-        self.data = {"train": train_data, "val": eval_data, "test": test_data}
-        self.batch = batch_layout(getattr(train_data, "batch_size", None), self.accelerator.num_processes,
-                                  config.gradient_accumulation_steps)
-        self.pictures = dict(pictures or {})
-        self.inference_files = dict(inference_files or {})
-        self.state = TrainState(self.accelerator, model, optimizer, Path(config.output_dir),
-                                techniques=self.techniques, task=task)
-        self._hooks = hook_table(self.techniques)
-        self._step_owner = next((t for t in self.techniques if t.owns_optimizer_step), None)
-        self._last_checkpoint_step = -1
-        self._preemption: PreemptionWatch | None = None
 
     # --- the public entry points --------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:

@@ -409,7 +409,7 @@ def test_overwrite_empties_the_earlier_run_and_refuses_a_directory_that_is_no_ru
     (tmp_path / "notes.txt").write_text("from the earlier run")
     reset_accelerate()
     trainer = make_trainer(tmp_path, batch_size=4, n=16, epochs=1, overwrite=True, max_steps=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing of the old run is left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]  # nothing of the old run is left: only this run's lock
     trainer.fit()
     assert {"model_best.safetensors", "model_ema.safetensors", "best", "notes.txt"}.isdisjoint(
         p.name for p in tmp_path.iterdir())

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from framework.errors import ConfigError
+from framework.preemption import ignore_stop_signals_in_worker
 
 
 def auto_num_workers() -> int:
@@ -83,7 +84,8 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
         drop_last=drop_last,
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),  # page-locked host memory: faster, asynchronous copies to the GPU
-        persistent_workers=workers > 0,  # no worker start-up cost at every epoch
+        persistent_workers=workers > 0,
+        worker_init_fn=ignore_stop_signals_in_worker if workers > 0 else None,  # a stop signal reaches the whole tree  # no worker start-up cost at every epoch
         prefetch_factor=prefetch_factor if workers > 0 else None,
         # Draws the workers' base seed, which then does not come from (and move) the training process's random stream.
         generator=torch.Generator().manual_seed(seed) if seed is not None else None,

@@ -7,7 +7,9 @@ techniques a test switches on from the command line:
 - `--techniques.kill_while_saving '{step: S}'`: SIGKILL it while the checkpoint of step S is half written;
 - `--techniques.sigterm_at '{step: S, rank: R}'`: send SIGTERM to rank R only, after step S;
 - `--techniques.nan_at '{step: S, rank: R, times: K}'`: make rank R's loss NaN on the first K batches at step S,
-  and write output_dir/nan_rank{N}.json saying whether the weights changed across the first of them.
+  and write output_dir/nan_rank{N}.json saying whether the weights changed across the first of them;
+- `--techniques.pace '{seconds: T}'`: sleep T seconds after every optimizer step, so a test can signal the launch
+  mid-run (it watches step_rank0).
 Every rank writes its latest step to output_dir/step_rank{N}.
 """
 
@@ -16,6 +18,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -79,6 +82,16 @@ class SigtermAt(Technique):
         (state.output_dir / f"step_rank{state.accelerator.process_index}").write_text(str(state.step))
         if state.step == self.step and state.accelerator.process_index == self.rank:
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+@register("pace")
+class Pace(Technique):
+    def __init__(self, seconds: float = 0.2):
+        self.seconds = seconds
+
+    def after_optimizer_step(self, state):
+        (state.output_dir / f"step_rank{state.accelerator.process_index}").write_text(str(state.step))
+        time.sleep(self.seconds)
 
 
 @register("nan_at")
