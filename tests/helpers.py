@@ -45,3 +45,29 @@ def launch(script: str | Path, *args: str, launch_config: str | Path = "cpu.yaml
     if result.returncode != 0:
         print(result.stdout[-5000:], result.stderr[-10000:], sep="\n")
     return result
+
+
+def load_recipe(name: str):
+    """A recipe script (recipes/NAME.py) as a module, registered in sys.modules so its config's type hints resolve
+    as they do for a script run as __main__."""
+    import importlib.util
+
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def assert_same_weights(first_dir: Path, second_dir: Path,
+                        names: tuple[str, ...] = ("model.safetensors", "model_ema.safetensors")) -> None:
+    """The runs in two output directories ended with bitwise the same weights."""
+    from safetensors.torch import load_file
+
+    for name in names:
+        first, second = load_file(first_dir / name), load_file(second_dir / name)
+        assert first.keys() == second.keys()
+        for key in first:
+            assert torch.equal(first[key], second[key]), f"{name}: {key} differs from the uninterrupted run"

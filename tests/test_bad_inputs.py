@@ -4,8 +4,6 @@ weights-only, and a W&B API key never reaches the run's files or logs."""
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import itertools
 import json
 import os
@@ -27,7 +25,7 @@ from framework.data.images import ImageDataConfig, image_data
 from framework.errors import ConfigError
 from framework.models.resnet import ResNet, ResNetConfig
 from framework.technique import Backend, build_techniques, check_techniques
-from helpers import ROOT, launch_environment
+from helpers import ROOT, launch_environment, load_recipe
 
 RUN_NUMBERS = itertools.count()
 #: A run small enough to reach its first step in about a second.
@@ -35,13 +33,7 @@ TINY = ["--tracker", "none", "--doctor", "false", "--max_steps", "2", "--data.ba
         "--data.image_size", "8", "--model.widths", "[4]", "--techniques", "{}"]
 
 
-@functools.cache
-def recipe(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # type hints resolve through sys.modules, as for a script run as __main__
-    spec.loader.exec_module(module)
-    return module
+recipe = load_recipe
 
 
 def run(name: str, *args: str) -> Callable[[Path], Callable[[], object]]:

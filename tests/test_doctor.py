@@ -5,10 +5,8 @@ healthy runs, the image recipe's included. (Its measured overhead is in framewor
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import json
-import sys
 import math
 import types
 
@@ -37,7 +35,7 @@ from framework.techniques.doctor import (
     plateau_finding,
     vanishing_layers,
 )
-from helpers import ROOT, launch, tiny_classification_data
+from helpers import ROOT, launch, load_recipe, tiny_classification_data
 
 
 @pytest.fixture(autouse=True)
@@ -543,12 +541,7 @@ def test_doctor_runs_on_every_launch_config():
 
 
 def image_recipe():
-    spec = importlib.util.spec_from_file_location("image_classification_recipe",
-                                                  ROOT / "recipes" / "image_classification.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # type hints resolve through sys.modules, as for a script run as __main__
-    spec.loader.exec_module(module)
-    return module
+    return load_recipe("image_classification")
 
 
 def test_healthy_image_recipe_is_silent(tmp_path, capsys):

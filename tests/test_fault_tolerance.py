@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from framework.checkpoint import MARKER, completed_checkpoints, resolve_resume
 from framework.techniques.nan_guard import nonfinite, scale_learning_rates_
-from helpers import ROOT, launch
+from helpers import ROOT, assert_same_weights, launch
 
 DUMP = ROOT / "tests" / "scripts" / "recipe_then_dump_params.py"
 # EMA (from the config) and Mixup on: their state and their random draws must survive the resume too.
@@ -25,14 +25,6 @@ WORLD = {"cpu.yaml": 1, "multi_cpu.yaml": 2, "deepspeed_zero2.yaml": 2}
 
 def run(output_dir, launch_config="cpu.yaml", *extra):
     return launch(DUMP, *ARGS, "--output_dir", str(output_dir), *extra, launch_config=launch_config)
-
-
-def assert_same_weights(first_dir, second_dir):
-    for name in ("model.safetensors", "model_ema.safetensors"):
-        first, second = load_file(first_dir / name), load_file(second_dir / name)
-        assert first.keys() == second.keys()
-        for key in first:
-            assert torch.equal(first[key], second[key]), f"{name}: {key} differs from the uninterrupted run"
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ report names the batch (its sample indices when the batch carries them)."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from framework.technique import Technique

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import subprocess
 import sys
 
@@ -14,18 +12,12 @@ from PIL import Image
 
 import framework.config
 from framework.config import parse_config
-from helpers import ROOT, launch_environment
+from helpers import ROOT, launch_environment, load_recipe
 
 RECIPES = ("image_classification", "language_model", "wgan_gp")  # each with its default recipes/configs/NAME.yaml
 
 
-@functools.cache
-def recipe(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # type hints resolve through sys.modules, as for a script run as __main__
-    spec.loader.exec_module(module)
-    return module
+recipe = load_recipe
 
 
 def config_class(name: str) -> type:

@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from framework.checkpoint import completed_checkpoints
-from helpers import ROOT, launch
+from helpers import ROOT, assert_same_weights, launch
 
 DUMP = ROOT / "tests" / "scripts" / "recipe_then_dump_params.py"
 # 1257 training images / batch 64 → 20 steps per epoch; checkpoints every 10 steps put one mid-epoch (step 110).
@@ -25,14 +23,6 @@ KILL_STEP = 115  # past the first plateau window (steps 0-99, checked at step 10
 
 def run(output_dir, *extra):
     return launch(DUMP, *ARGS, "--output_dir", str(output_dir), *extra)
-
-
-def assert_same_weights(first_dir, second_dir):
-    for name in ("model.safetensors", "model_ema.safetensors"):
-        first, second = load_file(first_dir / name), load_file(second_dir / name)
-        assert first.keys() == second.keys()
-        for key in first:
-            assert torch.equal(first[key], second[key]), f"{name}: {key} differs from the uninterrupted run"
 
 
 @pytest.mark.slow
