@@ -92,7 +92,7 @@ def test_nan_on_one_rank_skips_the_step_on_both(tmp_path):
         report = json.loads((tmp_path / "run" / f"nan_rank{rank}.json").read_text())
         assert report == {"step": 3, "weights_unchanged": True}
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["nan_guard"] == {"skipped": 1, "rollbacks": 0} and summary["run"]["steps"] == 12
+    assert summary["nan_guard"] == {"skipped": 1, "rollbacks": 0, "spikes": 0} and summary["run"]["steps"] == 12
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [line["nan_guard/skipped"] for line in logged if "nan_guard/skipped" in line] == [1]
     rank0, rank1 = (load_file(tmp_path / "run" / f"params_rank{r}.safetensors") for r in (0, 1))
@@ -106,7 +106,7 @@ def test_nans_in_a_row_roll_back_once_and_halve_the_lr(tmp_path):
     assert result.returncode == 0
     assert "rolled back to step_00000004" in result.stdout
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["nan_guard"] == {"skipped": 3, "rollbacks": 1} and summary["run"]["steps"] == 12
+    assert summary["nan_guard"] == {"skipped": 3, "rollbacks": 1, "spikes": 0} and summary["run"]["steps"] == 12
     lrs = {line["step"]: line["lr"] for line in map(json.loads, (tmp_path / "run" / "metrics.jsonl").open())
            if "lr" in line}
     assert lrs[4] == pytest.approx(0.01) and lrs[12] == pytest.approx(0.005)  # constant LR (no schedule), halved

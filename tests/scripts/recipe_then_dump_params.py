@@ -63,14 +63,14 @@ class KillAt(Technique):
 @register("kill_while_saving")
 class KillWhileSaving(Technique):
     def __init__(self, step: int):
-        fsync_tree = framework.checkpoint._fsync_tree
+        flush_and_list = framework.checkpoint._flush_and_list
 
-        def fsync_then_die(path):  # accelerate has written the files; the marker and the rename are still to come
+        def flush_then_die(path):  # accelerate has written the files; the marker and the rename are still to come
             if path.name == f".tmp_step_{step:08d}":
                 kill_launch()
-            fsync_tree(path)
+            return flush_and_list(path)
 
-        framework.checkpoint._fsync_tree = fsync_then_die
+        framework.checkpoint._flush_and_list = flush_then_die
 
 
 @register("sigterm_at")
