@@ -137,7 +137,7 @@ class Trainer:
         self.backend = describe_backend(self.accelerator)
         check_techniques(self.techniques, self.backend)
         task.check(self.backend, self.techniques, config.gradient_accumulation_steps)
-        # The modes that train nothing (LR preview, LR finder) write their pictures beside any run already there:
+        # The modes that train nothing (LR preview, LR finder, evaluate_only) work beside any run already there:
         # they neither refuse an output_dir with checkpoints nor delete anything in it.
         trains = not (config.preview_lr or config.find_lr or config.evaluate_only)
         # One run per output_dir: the main process takes its lock first (every rank learns whether it got it).
