@@ -26,10 +26,13 @@ def test_perturbation_matches_hand_computation():
     torch.testing.assert_close(e, 0.5 * torch.tensor([3.0, 16.0]) / math.sqrt(73.0))  # rho w² g / ‖|w| g‖
 
 
-def reference_sam(rho: float, epochs: int, clip: float | None = None) -> list[torch.Tensor]:
-    """SAM written out by hand on make_trainer's model, data and optimizer."""
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 3)
+def reference_sam(rho: float, epochs: int, clip: float | None = None,
+                  model: torch.nn.Module | None = None) -> list[torch.Tensor]:
+    """SAM written out by hand on make_trainer's model (or `model`), data and optimizer. The second pass's changes to
+    buffers (BatchNorm running statistics) are undone: they move once per step, from the first pass."""
+    if model is None:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     data = tiny_classification_data(8)
     for _ in range(epochs):
@@ -41,6 +44,7 @@ def reference_sam(rho: float, epochs: int, clip: float | None = None) -> list[to
             grads = [p.grad.clone() for p in model.parameters()]
             norm = torch.sqrt(sum((g**2).sum() for g in grads))
             steps = [rho * g / norm for g in grads]
+            buffers = [b.clone() for b in model.buffers()]
             with torch.no_grad():
                 for p, e in zip(model.parameters(), steps):
                     p.add_(e)
@@ -51,6 +55,8 @@ def reference_sam(rho: float, epochs: int, clip: float | None = None) -> list[to
             with torch.no_grad():
                 for p, e in zip(model.parameters(), steps):
                     p.sub_(e)
+                for b, saved in zip(model.buffers(), buffers):
+                    b.copy_(saved)
             optimizer.step()
     return [p.detach() for p in model.parameters()]
 
@@ -130,27 +136,6 @@ def test_second_pass_leaves_batchnorm_running_statistics_alone(tmp_path):
     assert int(model[1].num_batches_tracked) == 8  # 2 epochs × 4 steps, not 16
 
     reference = bn_model()
-    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
-    for _ in range(2):
-        for start in range(0, 8, 2):
-            x = torch.stack([d["pixel_values"] for d in data[start:start + 2]])
-            y = torch.stack([d["label"] for d in data[start:start + 2]])
-            optimizer.zero_grad()
-            F.cross_entropy(reference(x), y).backward()
-            grads = [p.grad.clone() for p in reference.parameters()]
-            norm = torch.sqrt(sum((g**2).sum() for g in grads))
-            steps = [0.2 * g / norm for g in grads]
-            buffers = {k: v.clone() for k, v in reference.named_buffers()}
-            with torch.no_grad():
-                for p, e in zip(reference.parameters(), steps):
-                    p.add_(e)
-            optimizer.zero_grad()
-            F.cross_entropy(reference(x), y).backward()
-            with torch.no_grad():
-                for p, e in zip(reference.parameters(), steps):
-                    p.sub_(e)
-                for k, v in reference.named_buffers():
-                    v.copy_(buffers[k])
-            optimizer.step()
+    reference_sam(0.2, epochs=2, model=reference)
     for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
