@@ -140,8 +140,11 @@ class PreemptionWatch:
         self.received = signum
         _keep_stderr_writable()
         if signum == signal.SIGINT and os.environ.get("RANK", "0") == "0":
-            try:  # os.write, not print(): the handler may have interrupted a print to stderr
-                os.write(2, INTERRUPT_MESSAGE.encode())
+            # To stdout, like the run's other status lines: under `accelerate launch` (one process) the rank's
+            # stderr is a pipe that the launcher copies, and its own Ctrl-C can land between reading a chunk and
+            # writing it (the message was lost so in CI); stdout is the launcher's own, inherited.
+            try:  # os.write, not print(): the handler may have interrupted a print
+                os.write(1, INTERRUPT_MESSAGE.encode())
             except OSError:
                 pass
 

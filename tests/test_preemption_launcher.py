@@ -134,7 +134,7 @@ def test_ctrl_c_to_the_launch_stops_gracefully(tmp_path, launch_config):
     os.killpg(process.pid, signal.SIGINT)  # a terminal's Ctrl-C: the foreground process group
     status, stdout, stderr = finish(process)
     assert status == 128 + signal.SIGINT  # accelerate's launcher, as for SIGTERM
-    assert INTERRUPT_MESSAGE.strip() in stderr
+    assert INTERRUPT_MESSAGE.strip() in stdout
     assert_stopped_with_a_checkpoint(tmp_path / "run", stdout, stderr, WORLD[launch_config])
 
 
@@ -190,7 +190,7 @@ def test_first_ctrl_c_stops_gracefully_and_the_second_aborts(capfd):
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.01)  # the handler runs at the next bytecode boundary of the main thread
         assert watch.requested() and watch.received == signal.SIGINT
-        assert INTERRUPT_MESSAGE in capfd.readouterr().err
+        assert INTERRUPT_MESSAGE in capfd.readouterr().out
         os.kill(os.getpid(), signal.SIGTERM)  # a launcher's follow-up SIGTERM changes nothing
         time.sleep(0.01)
         with pytest.raises(KeyboardInterrupt):
