@@ -37,7 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from framework.models.gpt import GPT, Block, GPTConfig
-from framework.techniques.grad_checkpointing import checkpoint_modules
+from framework.nn.checkpointing import checkpoint_modules
 
 VARIANTS = ("none", "full", "every_k", "selective")
 TARGETS = {"full": {"saved": 0.60, "time": 1.35}, "selective": {"time": 1.15}}

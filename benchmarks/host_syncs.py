@@ -89,7 +89,7 @@ class SyncCounter:
 
 
 def audit(steps: int, **config) -> SyncCounter:
-    from framework.technique import build_techniques
+    from framework.config import build_techniques
 
     counter = SyncCounter()
     techniques = [counter.technique()]

@@ -25,7 +25,7 @@ import common  # noqa: F401  (threads and sys.path first)
 import torch
 from common import Row, check, interleave, max_difference, paired_ratio, parse, parser, per_round, report, summary
 from framework.models.resnet import ResNet, ResNetConfig
-from framework.technique import build_techniques
+from framework.config import build_techniques
 from loop_parity import framework_loop
 from torch.utils._python_dispatch import TorchDispatchMode
 

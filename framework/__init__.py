@@ -2,12 +2,13 @@
 
 # First: silences the known-harmless library messages (listed in framework/console.py) before any library can print.
 import framework.console  # noqa: F401  isort: skip
+from framework.backend import Backend
 from framework.config import TrainerConfig, parse_config, run_main
 from framework.errors import ConfigError, FrameworkError, IncompatibleError, LaunchError
 from framework.loop import Trainer
 from framework.state import TrainState
 from framework.task import ClassificationTask, Task
-from framework.technique import Backend, Technique, register
+from framework.technique import Technique, register
 
 __all__ = [
     "Backend", "ClassificationTask", "ConfigError", "FrameworkError", "IncompatibleError", "LaunchError", "Task",

@@ -14,6 +14,7 @@ import functools
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import accelerate.optimizer
@@ -30,12 +31,23 @@ from accelerate.utils import (
 )
 
 from framework.errors import ConfigError, LaunchError
-from framework.technique import Backend
 
 # accelerate's optimizer step asks `is_lomo_available()` twice per step, and each answer is a fresh search of
 # sys.path on disk (~0.3 ms per step, measured in benchmarks/loop_parity.py). The answer cannot change while a run
 # lives, so it is asked once.
 accelerate.optimizer.is_lomo_available = functools.cache(accelerate.optimizer.is_lomo_available)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where a run executes, as `Technique.check` sees it (read from the Accelerator, or made up in tests/docs)."""
+
+    distributed_type: str = "NO"  # accelerate's DistributedType name: NO, MULTI_CPU, MULTI_GPU, DEEPSPEED, FSDP
+    num_processes: int = 1
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    device_type: str = "cpu"  # cpu | cuda | ...
+    deepspeed_stage: int | None = None  # ZeRO stage when distributed_type is DEEPSPEED
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (SAM cannot accumulate)
 
 
 FP16_ON_CPU = (
@@ -296,4 +308,5 @@ def describe_backend(accelerator: Accelerator) -> Backend:
         mixed_precision=str(accelerator.mixed_precision),
         device_type=accelerator.device.type,
         deepspeed_stage=stage,
+        gradient_accumulation_steps=accelerator.gradient_accumulation_steps,
     )

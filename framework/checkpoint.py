@@ -12,16 +12,18 @@ newest checkpoint whose weights were finite, whatever `keep_checkpoints` says.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import pickle
 import re
 import shutil
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +31,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
+from framework.backend import Backend
 from framework.errors import ConfigError
-from framework.technique import Backend
 
 MARKER = "COMPLETE"
 _NAME = re.compile(r"^step_(\d+)$")
@@ -248,17 +250,26 @@ def completed_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
 
 
 def check_resumable(path: Path, backend: Backend) -> None:
-    """Refuse a checkpoint whose layout this backend cannot load (DeepSpeed's is sharded per rank and stage)."""
+    """Refuse a checkpoint whose layout this backend cannot load. Loadable: the same backend; a run without DeepSpeed
+    on any number of processes; DeepSpeed ZeRO-1/2 on another number of processes (through DeepSpeed's universal
+    checkpoint); any DeepSpeed checkpoint in a run without DeepSpeed (its shards consolidated: `load_checkpoint`)."""
     written = json.loads((path / MARKER).read_text())["backend"]
     was, now = written.get("deepspeed_stage"), backend.deepspeed_stage
     if was == now and (was is None or written["num_processes"] == backend.num_processes):
         return
+    if now is None or (was == now and was in (1, 2)):  # converted at load time
+        return
     wrote = f"DeepSpeed ZeRO-{was} on {written['num_processes']} processes" if was else "a run without DeepSpeed"
-    runs = f"DeepSpeed ZeRO-{now} on {backend.num_processes} processes" if now else "a run without DeepSpeed"
-    fix = "resume with the launch config that wrote it"
-    if was is not None:
-        fix += (f", or start a new run from its consolidated weights (`python -m framework.checkpoint consolidate "
-                f"{path} DIR` writes DIR/model.safetensors; or the run's model.safetensors)")
+    runs = f"DeepSpeed ZeRO-{now} on {backend.num_processes} processes"
+    if was is None:
+        fix = ("resume it without DeepSpeed (e.g. launch_configs/multi_cpu.yaml or ddp.yaml), or start a new DeepSpeed "
+               "run from its weights (model.safetensors in the checkpoint)")
+    elif was == now:  # ZeRO-3 on another world size
+        fix = (f"resume on {written['num_processes']} processes, or without DeepSpeed (it is consolidated then): "
+               "DeepSpeed's universal checkpoint gives every ZeRO-3 parameter group the first group's settings")
+    else:
+        fix = (f"resume with ZeRO-{was}, or without DeepSpeed (it is consolidated then), or start a new run from its "
+               f"weights (`python -m framework.checkpoint consolidate {path} DIR` writes DIR/model.safetensors)")
     raise ConfigError(f"checkpoint {path} was written by {wrote} and cannot be loaded by {runs}: {fix}.")
 
 
@@ -441,12 +452,153 @@ def safe_checkpoint_loads(deepspeed: bool) -> Iterator[None]:
         yield
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path, model: torch.nn.Module, registered: Sequence[Any]) -> None:
+def _deepspeed_tag(path: Path) -> str:
+    """The folder of checkpoint `path` that holds DeepSpeed's engine files (accelerate's `pytorch_model`)."""
+    return (path / "latest").read_text().strip()
+
+
+def check_universal_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse an optimizer whose state DeepSpeed's universal checkpoint does not carry: it holds each parameter's
+    fp32 weights, exp_avg, exp_avg_sq and step only, so Adam or AdamW (without amsgrad)."""
+    while hasattr(optimizer, "optimizer"):  # accelerate's and DeepSpeed's wrappers
+        optimizer = optimizer.optimizer
+    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW) or any(
+            group.get("amsgrad") for group in optimizer.param_groups):
+        raise ConfigError(
+            f"a DeepSpeed checkpoint moves to another world size or backend through DeepSpeed's universal checkpoint, "
+            f"which holds Adam's state only (exp_avg, exp_avg_sq, step), not {type(optimizer).__name__}'s: resume "
+            "with the launch config that wrote it, or train with AdamW (optimizer.name adamw).")
+
+
+def universal_checkpoint(path: Path) -> Path:
+    """DeepSpeed checkpoint `path` (ZeRO-1/2/3, any number of processes) in DeepSpeed's universal layout, which a
+    DeepSpeed engine loads on any number of processes: path/<tag>/zero/<parameter>/{fp32,exp_avg,exp_avg_sq,step}.pt
+    and zero/optimizer_state.pt beside the engine's own files. Converted once, by DeepSpeed's ds_to_universal run in
+    this process (never a script copied into the checkpoint; serial: no process pool), every file read weights-only;
+    into a temporary folder renamed into place, so an interrupted conversion leaves nothing half-written. Call it on
+    one process."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    tag = _deepspeed_tag(path)
+    final = path / tag / "zero"
+    if final.is_dir():
+        return final
+    temporary = path / ".universal_tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    options = argparse.Namespace(input_folder=str(path / tag), output_folder=str(temporary / tag),
+                                 num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                 inject_missing_state=True)  # the info Megatron adds; none needed for plain models
+    quiet = io.StringIO()  # its progress prints and bars
+    with safe_checkpoint_loads(deepspeed=True), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        ds_to_universal.main(options)
+    os.rename(temporary / tag / "zero", final)
+    shutil.rmtree(temporary)
+    return final
+
+
+def _universal_value(file: Path) -> Any:
+    value = torch.load(file, map_location="cpu", weights_only=True)
+    return value["param"] if isinstance(value, dict) else value  # ZeRO-1/2 files wrap the tensor, ZeRO-3's do not
+
+
+def adam_state_from_universal(zero: Path, names: Sequence[Sequence[str]], shapes: dict[str, torch.Size],
+                              template: dict[str, Any]) -> dict[str, Any]:
+    """A torch Adam/AdamW `state_dict` from a universal checkpoint's folder `zero`: `names` lists each parameter
+    group's parameter names in the optimizer's order, `shapes` their shapes, `template` is the optimizer's own
+    `state_dict()` (its groups' settings and numbering). The saved groups' settings (the LR as it was) replace the
+    template's; each parameter gets its exp_avg, exp_avg_sq and the step."""
+    saved = torch.load(zero / "optimizer_state.pt", map_location="cpu", weights_only=True)
+    saved_groups = saved["param_groups"]
+    if len(saved_groups) != len(template["param_groups"]):
+        raise ConfigError(f"the checkpoint's optimizer has {len(saved_groups)} parameter groups, this run's "
+                          f"{len(template['param_groups'])}: build the optimizer as the run that wrote it did.")
+    if (zero / names[0][0] / "step.pt").is_file():  # ZeRO-1/2: one per parameter
+        step = _universal_value(zero / names[0][0] / "step.pt")
+    else:  # ZeRO-3: the optimizer's, as DeepSpeed's own loader reads it
+        step = saved["optimizer_state_dict"]["state"][0]["step"]
+    groups, state = [], {}
+    for group, saved_group, group_names in zip(template["param_groups"], saved_groups, names):
+        groups.append({**{k: v for k, v in saved_group.items() if k != "params"}, "params": group["params"]})
+        for index, name in zip(group["params"], group_names):
+            state[index] = {"step": torch.as_tensor(step, dtype=torch.float32).clone(),
+                            **{key: _universal_value(zero / name / f"{key}.pt").reshape(shapes[name])
+                               for key in ("exp_avg", "exp_avg_sq")}}
+    return {"state": state, "param_groups": groups}
+
+
+WITHOUT_DEEPSPEED = "without_deepspeed"
+
+
+def checkpoint_without_deepspeed(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Path:
+    """DeepSpeed checkpoint `path` in the layout a run without DeepSpeed loads, as path/without_deepspeed/:
+    model.safetensors (the full fp32 weights and buffers, gathered from every rank's shards), optimizer.bin (this
+    `optimizer`'s state_dict: every parameter's Adam moments and the step, through the universal checkpoint) and the
+    framework's own files (train state, techniques, RNG states) copied. Written to a temporary folder renamed into
+    place. Call it on one process."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import save_file
+
+    check_universal_optimizer(optimizer)
+    zero = universal_checkpoint(path)
+    while hasattr(optimizer, "optimizer"):  # accelerate's wrapper
+        optimizer = optimizer.optimizer
+    model = getattr(model, "module", model)  # DDP's wrapper: the names DeepSpeed saved under
+    name_of = {id(p): _unwrapped(name) for name, p in model.named_parameters()}
+    names = [[name_of[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+    shapes = {name_of[id(p)]: p.shape for group in optimizer.param_groups for p in group["params"]}
+    with safe_checkpoint_loads(deepspeed=True):
+        state = adam_state_from_universal(zero, names, shapes, optimizer.state_dict())
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(path))
+    final, temporary = path / WITHOUT_DEEPSPEED, path / f".{WITHOUT_DEEPSPEED}_tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(temporary / "model.safetensors"))
+    torch.save(state, temporary / "optimizer.bin")
+    for file in path.iterdir():  # accelerate's and the framework's files; not DeepSpeed's scripts or the marker
+        if file.is_file() and file.suffix != ".py" and file.name not in (MARKER, "latest"):
+            shutil.copy2(file, temporary / file.name)
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(temporary, final)
+    return final
+
+
+def _on_main_process(accelerator: Accelerator, work: Callable[[], Any]) -> None:
+    """`work()` on the main process while the others wait; its error raised on every rank."""
+    from framework.backend import main_process_decides
+
+    error = None
+    if accelerator.is_main_process:
+        try:
+            work()
+        except Exception as caught:  # noqa: BLE001 - raised below, once the other ranks know
+            error = caught
+    if main_process_decides(accelerator, error is not None):
+        raise error or ConfigError("converting the checkpoint failed on the main process (see its error above)")
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path, model: torch.nn.Module, registered: Sequence[Any],
+                    optimizer: torch.optim.Optimizer | None = None) -> None:
     """`accelerator.load_state(path)` after `check_checkpoint_matches`, with every torch.load weights-only, on every
     backend: the framework's own state files hold tensors and plain values only, and DeepSpeed's engine files are
-    read with an allowlist of its few classes (`deepspeed_safe_globals`). A checkpoint never runs code."""
+    read with an allowlist of its few classes (`deepspeed_safe_globals`). A checkpoint never runs code.
+
+    A DeepSpeed checkpoint of another world size, or loaded without DeepSpeed, is converted first (`optimizer`, the
+    run's, must then be given): to DeepSpeed's universal checkpoint for a DeepSpeed run, to the layout without
+    DeepSpeed (`checkpoint_without_deepspeed`) for another run."""
+    written = read_marker(path)["backend"] if (path / MARKER).is_file() else {}
+    deepspeed_now = accelerator.distributed_type == DistributedType.DEEPSPEED
+    universal = False
+    if written.get("deepspeed_stage") is not None and not deepspeed_now:
+        _on_main_process(accelerator, lambda: checkpoint_without_deepspeed(path, model, optimizer))
+        path = path / WITHOUT_DEEPSPEED
+    elif deepspeed_now and written.get("num_processes", accelerator.num_processes) != accelerator.num_processes:
+        check_universal_optimizer(optimizer)
+        _on_main_process(accelerator, lambda: universal_checkpoint(path))
+        universal = True
     check_checkpoint_matches(path, model, registered)
-    with safe_checkpoint_loads(accelerator.distributed_type == DistributedType.DEEPSPEED):
+    with safe_checkpoint_loads(deepspeed_now):
+        if universal:  # DeepSpeed's `checkpoint: {load_universal: true}`, for this one load (a rollback is not)
+            model._config.load_universal_checkpoint = True
         try:
             accelerator.load_state(str(path))
         except pickle.UnpicklingError as error:
@@ -455,6 +607,15 @@ def load_checkpoint(accelerator: Accelerator, path: Path, model: torch.nn.Module
                 f"loaded (it may run code): {str(error).splitlines()[0]} Resume only from checkpoints this framework "
                 "wrote."
             ) from error
+        finally:
+            if universal:
+                model._config.load_universal_checkpoint = False
+        if universal:  # DeepSpeed's universal load restores the parameters only: the buffers (BatchNorm statistics)
+            saved = torch.load(path / _deepspeed_tag(path) / "mp_rank_00_model_states.pt", map_location="cpu",
+                               weights_only=True)
+            module = saved["module"]
+            model.module.load_state_dict({name: module[name] for name, _ in model.module.named_buffers()
+                                          if name in module}, strict=False)
 
 
 def consolidate(checkpoint: str | os.PathLike, output_dir: str | os.PathLike) -> Path:

@@ -8,8 +8,10 @@ the technique's `check` (with its default arguments) against it.
 
 from __future__ import annotations
 
+import framework.techniques  # noqa: F401  (registers the built-in techniques: the table's rows)
+from framework.backend import Backend
 from framework.errors import IncompatibleError
-from framework.technique import TECHNIQUES, Backend, check_techniques
+from framework.technique import TECHNIQUES, check_techniques
 
 #: What each launch config looks like to `Technique.check` (tests keep these in step with the YAML files).
 LAUNCH_BACKENDS: dict[str, Backend] = {
@@ -40,8 +42,6 @@ def compatibility(technique_name: str, backend: Backend) -> str | None:
 
 def compatibility_table() -> str:
     """A markdown table: ✓ where the technique runs, ✗ with a numbered note where its `check` refuses."""
-    import framework.techniques  # noqa: F401  (registers the built-in techniques)
-
     header = "| technique | " + " | ".join(f"`{name}`" for name in LAUNCH_BACKENDS) + " |"
     lines = [header, "|---" * (len(LAUNCH_BACKENDS) + 1) + "|"]
     notes: list[str] = []

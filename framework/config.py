@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import inspect
 import os
 import sys
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, TypeVar
 
 import yaml
 
+import framework.techniques  # noqa: F401  (registers the built-in techniques, which configs name)
 from framework.console import tell_launcher
 from framework.errors import ConfigError, FrameworkError
+from framework.technique import TECHNIQUES, Technique
 
 C = TypeVar("C")
 
@@ -71,6 +74,9 @@ class TrainerConfig:
     """W&B run group (e.g. one sweep or one experiment's seeds)."""
     tags: list[str] = field(default_factory=list)
     """W&B run tags."""
+    wandb_rewind: bool = False
+    """On resume, rewind the W&B run to the checkpoint's step (W&B's `resume_from`; a preview feature your W&B
+    account must have) instead of continuing it, which ignores the repeated steps (same values when nothing changed)."""
     doctor: bool = True
     """Run the training doctor (cheap checks that print a finding, its evidence and the fix once); false: off."""
     overfit_batches: int = 0
@@ -112,8 +118,6 @@ def parse_config(config_class: type[C], args: Sequence[str] | None = None) -> C:
     so every config error comes before any work starts.
     """
     from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
-
-    from framework.technique import build_techniques, lock_down_parsing, refuse_code
 
     lock_down_parsing()  # a config is data: values that name Python code are never imported or called
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # --help shows each field's docstring
@@ -183,9 +187,6 @@ def _help_formatter() -> type:
 def _explain_help(parser: Any, config_class: type) -> None:
     """Readable `--help`: nested config groups titled by their class docstring (not the dataclass's generated
     signature), and `--techniques` listing every registered technique with the first sentence of its docstring."""
-    import framework.techniques  # noqa: F401  (registers the built-in techniques)
-    from framework.technique import TECHNIQUES
-
     try:
         hints = typing.get_type_hints(config_class)
     except Exception:  # a hint that does not resolve here: keep jsonargparse's titles
@@ -273,6 +274,82 @@ def _split_technique_overrides(args: list[str], parser: Any) -> tuple[list[tuple
     return overrides, rest
 
 
+# --- building techniques from a config: only registered ones, with their arguments checked ---------------------------
+def build_techniques(specs: Mapping[str, Mapping[str, Any] | None]) -> list[Technique]:
+    """Build techniques from a config mapping `{registered_name: {argument: value}}`, keeping its order.
+
+    A value of `None` (``--techniques.ema null`` on the command line) leaves that technique out. Arguments are
+    validated against the technique's constructor signature and type hints; errors name the key.
+    """
+    techniques = []
+    for name, args in specs.items():
+        if args is None:
+            continue
+        if name not in TECHNIQUES:
+            raise ConfigError(
+                f"techniques.{name}: unknown technique. Registered techniques: {', '.join(sorted(TECHNIQUES))}."
+            )
+        cls = TECHNIQUES[name]
+        techniques.append(cls(**_validated_arguments(f"techniques.{name}", cls, dict(args))))
+    return techniques
+
+
+def lock_down_parsing() -> None:
+    """Make jsonargparse treat every config as data: it never imports or instantiates what a value names.
+
+    By default jsonargparse builds `{class_path: os.system, init_args: {command: ...}}` wherever a field accepts
+    `Any` (technique and augmentation arguments), which would let a YAML file run any command. Idempotent.
+    """
+    from jsonargparse import set_parsing_settings
+
+    set_parsing_settings(import_path_denylist=["*"], instantiate_subclass_spec_in_any=False)
+
+
+def refuse_code(value: Any, where: str = "") -> None:
+    """Raise `ConfigError` if a config value names Python code to import (a `class_path` key anywhere in it).
+
+    Only registered techniques, and the recipe's own model and data classes, can be built from a config.
+    """
+    if isinstance(value, Mapping):
+        if "class_path" in value:
+            raise ConfigError(
+                f"{where + '.' if where else ''}class_path: a config cannot name Python code to import or call "
+                f"({value['class_path']!r}). Choose techniques by registered name (techniques: {{NAME: {{ARG: "
+                "VALUE}}}}) and models and data through their own options; new techniques are registered in Python "
+                "with @register."
+            )
+        for key, item in value.items():
+            refuse_code(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            refuse_code(item, f"{where}[{index}]")
+
+
+def _validated_arguments(prefix: str, cls: type, args: dict[str, Any]) -> dict[str, Any]:
+    """Check names and types of constructor arguments with jsonargparse (the same checks as the rest of the config)."""
+    from jsonargparse import ArgumentParser
+
+    lock_down_parsing()
+    refuse_code(args, prefix)
+    known = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
+    for key in args:
+        if key not in known:
+            raise ConfigError(f"{prefix}.{key}: unknown argument. {cls.__name__} accepts: {', '.join(known)}.")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, fail_untyped=False)
+    try:
+        namespace = parser.parse_object(args)
+    except Exception as error:  # jsonargparse raises its ArgumentError; its message names the key
+        raise ConfigError(f"{prefix}: {str(error).strip()}") from None
+    defaults = inspect.signature(cls).parameters
+    for key in args:  # jsonargparse lets null through for a typed argument; the constructor would then fail
+        if args[key] is None and namespace.get(key) is None and defaults[key].default is not None \
+                and "None" not in str(defaults[key].annotation) and "Optional" not in str(defaults[key].annotation):
+            raise ConfigError(f"{prefix}.{key}: null is not a value of this argument; leave it out for its default "
+                              f"{defaults[key].default!r}.")
+    return {key: namespace[key] for key in known if key in namespace and key in args}
+
+
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
     """A dataclass (or nested dict) as one level of dotted keys with scalar values, for trackers' hyperparameters."""
     values = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
@@ -343,9 +420,6 @@ def resume_changes(saved: dict[str, Any], config: Any) -> list[tuple[str, Any, A
 
 def _stateful(name: str) -> bool:
     """Does the registered technique `name` keep state in checkpoints (unknown names count as stateful)?"""
-    import framework.techniques  # noqa: F401  (registers the built-in techniques)
-    from framework.technique import TECHNIQUES, Technique
-
     technique = TECHNIQUES.get(name)
     return technique is None or technique.state_dict is not Technique.state_dict
 

@@ -39,24 +39,25 @@ from framework.checkpoint import (
     check_resumable,
     clear_run,
     load_checkpoint,
+    newest_healthy_checkpoint,
     release_run_lock,
     resolve_resume,
     save_checkpoint,
     saved_batch_position,
     saved_world_size,
 )
-from framework.config import TrainerConfig, config_to_yaml, flatten, resume_changes
+from framework.config import TrainerConfig, build_techniques, config_to_yaml, flatten, resume_changes
 from framework.errors import ConfigError, FrameworkError
 from framework.optim import scale_learning_rates_
 from framework.nn.norm import frozen_running_statistics
 from framework.state import TrainState
 from framework.task import Task
 from framework.plots import plot_lr_curves
-from framework.preemption import PreemptionWatch, exit_with_launcher
-from framework.technique import Technique, build_techniques, check_techniques, hook_table
+from framework.preemption import PreemptionWatch, exit_with_launcher, mark_trackers_preempting
+from framework.technique import Technique, check_techniques, hook_table
 from framework.techniques.lr_finder import find_lr
 from framework.techniques.lr_schedule import schedule_lrs
-from framework.data.loaders import first_batches
+from framework.data.loaders import first_batches, shut_down_workers
 from framework.tracking import (
     OVERFIT_NEAR_ZERO,
     LogWindow,
@@ -163,7 +164,8 @@ class Trainer:
         self.pictures = dict(pictures or {})
         self.inference_files = dict(inference_files or {})
         self.state = TrainState(self.accelerator, model, optimizer, Path(config.output_dir),
-                                techniques=self.techniques, task=task)
+                                techniques=self.techniques, task=task, rollback_service=self.rollback)
+        self._checkpointed: list[Any] = []  # what a checkpoint holds besides the model (set in fit)
         self._hooks = hook_table(self.techniques)
         self._step_owner = next((t for t in self.techniques if t.owns_optimizer_step), None)
         self._last_checkpoint_step = -1
@@ -197,6 +199,9 @@ class Trainer:
         try:
             return self._fit()
         finally:
+            for loader in self.data.values():
+                if loader is not None:
+                    shut_down_workers(loader)
             if self._holds_lock and self.accelerator.is_main_process:
                 release_run_lock(self.config.output_dir)
 
@@ -233,11 +238,11 @@ class Trainer:
             self.draw_lr_schedule(state.output_dir / "lr_schedule.png")
             self.pictures.setdefault("lr_schedule", lambda path: None)  # already at output_dir/lr_schedule.png
         self._call("fit_start")
-        registered = [state, *[t for t in self.techniques if t.has_state]]
-        accelerator.register_for_checkpointing(*registered)
+        self._checkpointed = [state, *[t for t in self.techniques if t.has_state]]
+        accelerator.register_for_checkpointing(*self._checkpointed)
         if self.resume_path is not None:
             accelerator.print(f"resuming from {self.resume_path}")
-            load_checkpoint(accelerator, self.resume_path, state.model, registered)
+            load_checkpoint(accelerator, self.resume_path, state.model, self._checkpointed, state.optimizer)
             self._last_checkpoint_step = state.step
             if self._resumed_world != accelerator.num_processes:  # elastic: the same samples seen, other batches
                 state.batch_in_epoch = batch_position_for_world_size(
@@ -278,9 +283,7 @@ class Trainer:
     def _stop_preempted(self) -> dict[str, Any]:
         """After a preemption signal: the checkpoint is written; tell the tracker the run will resume, and stop."""
         accelerator, state = self.accelerator, self.state
-        for tracker in accelerator.trackers:
-            if tracker.name == "wandb":
-                tracker.run.mark_preempting()
+        mark_trackers_preempting(accelerator.trackers)
         accelerator.end_training()
         if accelerator.is_main_process:
             print(f"preempted: stopped after step {state.step} with a checkpoint; continue with --resume_from latest")
@@ -385,7 +388,7 @@ class Trainer:
                         stepped = accelerator.sync_gradients and self._optimizer_step(batch)
                         if stepped:
                             self._end_step()
-                if state.rolled_back:  # a technique (nan_guard) loaded a checkpoint: continue from where it was
+                if state.rolled_back:  # a hook called `rollback` (nan_guard): continue from the restored position
                     state.rolled_back = False
                     window.reset()
                     progress.n = state.step
@@ -516,14 +519,32 @@ class Trainer:
             print(f"step {state.step}/{state.max_steps} epoch {values['epoch']:.2f}: loss {values['train/loss']:.4f}, "
                   f"lr {values['lr']:.2e}, {values['samples_per_second']:.0f} samples/s", flush=True)
 
+    def rollback(self, to: Path | None = None, lr_factor: float = 1.0) -> Path | None:
+        """Mid-run, reload checkpoint `to` (default: the newest healthy one: intact, with finite weights where there
+        is one) through the same load path as a resume, and multiply every learning rate by `lr_factor` for the rest
+        of the run; the loop then continues from the restored position. Every rank calls it alike. Returns the
+        checkpoint loaded, or None when there is none (nothing changes). Hooks reach it as `state.rollback`."""
+        state = self.state
+        checkpoint = to if to is not None else newest_healthy_checkpoint(state.output_dir)
+        if checkpoint is None:
+            return None
+        load_checkpoint(self.accelerator, checkpoint, state.model, self._checkpointed, state.optimizer)
+        self._last_checkpoint_step = state.step  # that step is saved; the steps taken again are saved afresh
+        self._scale_learning_rates(lr_factor)
+        state.rolled_back = True
+        return checkpoint
+
+    def _scale_learning_rates(self, factor: float) -> None:
+        """Every learning rate times `factor` from now on: the optimizer's groups and the techniques' schedulers."""
+        scale_learning_rates_(self.state.optimizer, [s for t in self.techniques for s in t.lr_schedulers()], factor)
+
     def _apply_resume_changes(self) -> None:
         """Settings changed since the checkpoint (only those `resume_changes` allows) take effect after its state is
         loaded: the restored optimizer and schedules would otherwise keep the old LR and weight decay."""
         state = self.state
         for key, old, new in self.resume_changes:
             if key == "optimizer.lr":
-                scale_learning_rates_(state.optimizer, [s for t in self.techniques for s in t.lr_schedulers()],
-                                      new / old)
+                self._scale_learning_rates(new / old)
             elif key == "optimizer.weight_decay":
                 for group in state.optimizer.param_groups:
                     if group.get("weight_decay", 0.0) > 0:  # the no-decay groups stay at 0
@@ -573,7 +594,8 @@ class Trainer:
             for name, value in self.inference_files.items():
                 (self.state.output_dir / name).write_text(json.dumps(value, indent=2) + "\n")
         init_kwargs = tracker_init_kwargs(config.output_dir, config.run_name, config.group, config.tags,
-                                          resuming=self.resume_path is not None) \
+                                          resume_step=self.state.step if self.resume_path else None,
+                                          rewind=config.wandb_rewind) \
             if accelerator.is_main_process and config.tracker == "wandb" else {}  # only the main process runs W&B
         accelerator.init_trackers(config.project, config=flatten(config), init_kwargs=init_kwargs)
         if accelerator.is_main_process:

@@ -24,7 +24,9 @@ import signal
 import stat
 import sys
 import threading
+from collections.abc import Iterable
 from types import FrameType
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -68,6 +70,16 @@ def _exit_on_sigterm_from(parent: int) -> None:
     while True:
         if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
             os._exit(0)  # what torch's worker handler does on its parent's SIGTERM
+
+
+def mark_trackers_preempting(trackers: Iterable[Any]) -> None:
+    """Tell every tracker whose run knows about preemption (W&B's `mark_preempting`: the run shows as preempted and
+    resumable, not finished) that this run stops to be resumed. Asked of what the run object offers, not of the
+    tracker's name, so any tracker with the same method is told too."""
+    for tracker in trackers:
+        mark = getattr(getattr(tracker, "tracker", None), "mark_preempting", None)  # the run (W&B) / writer / file
+        if callable(mark):
+            mark()
 
 
 def started_by_launcher() -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,7 +39,7 @@ class TrainState:
     validates: bool = False  # the run evaluates on validation data at epoch ends (schedules/early stopping need it)
     should_stop: bool = False  # set by a technique (early stopping) to end training after this step/epoch
     skip_step: bool = False  # set in before_optimizer_step (nan_guard): this step is not taken, on every rank
-    rolled_back: bool = False  # set when a technique loaded a checkpoint mid-run: the loop restarts its epoch
+    rolled_back: bool = False  # set by `rollback` (a checkpoint loaded mid-run): the loop restarts its epoch
     preempted: bool = False  # a preemption signal stopped the run (after a checkpoint)
     techniques: list = field(default_factory=list)  # the run's techniques, in hook order
     task: Any = None  # the run's Task (Mixup / label smoothing read `num_classes` and `target_key` from it)
@@ -47,6 +48,8 @@ class TrainState:
     summary: dict[str, Any] = field(default_factory=dict)  # what techniques add to summary.json
     eval_metrics: dict[str, float] = field(default_factory=dict)  # the latest validation's results
     eval_step: int = -1  # the step at which eval_metrics were measured (== step: fresh at this epoch's end)
+    # The loop's rollback (Trainer.rollback), offered to the hooks through `rollback`; None outside a Trainer.
+    rollback_service: Callable[[Path | None, float], Path | None] | None = field(default=None, repr=False)
 
     @property
     def validated_now(self) -> bool:
@@ -64,6 +67,16 @@ class TrainState:
         if metric not in self.eval_metrics:
             raise ConfigError(f"{who}.metric {metric!r} is not among the validation metrics {sorted(self.eval_metrics)}.")
         return self.eval_metrics[metric]
+
+    def rollback(self, to: Path | None = None, lr_factor: float = 1.0) -> Path | None:
+        """Reload checkpoint `to` (default: the newest healthy one) through the loop's own load path and multiply
+        every learning rate by `lr_factor` for the rest of the run; the loop then continues from the restored
+        position. Every rank must call it alike (in the same hook, e.g. after agreeing on a flag). Returns the
+        checkpoint loaded, or None when there is none (nothing changed)."""
+        if self.rollback_service is None:
+            raise RuntimeError("rollback reloads a checkpoint through the training loop; call it from a hook of "
+                               "Trainer.fit")
+        return self.rollback_service(to, lr_factor)
 
     def log(self, **values: Any) -> None:
         """Report values; the loop writes the latest of each at its next log line (tensors: no host sync here)."""

@@ -67,6 +67,11 @@ class Task:
         """Tokens predicted in this batch on this rank (for `tokens_seen` and tokens/s; 0 when not a sequence task)."""
         return 0
 
+    def output_classes(self, outputs: Any) -> int | None:
+        """The number of classes the loss chooses among (the doctor expects a fresh model's loss near ln C), or None
+        when the loss is no choice among classes. Default: the task's `num_classes` attribute, if it has one."""
+        return getattr(self, "num_classes", None)
+
 
 def dominant_label(target: torch.Tensor) -> torch.Tensor:
     """Class indices for index targets (B,) or for soft targets (B, C): the class with the largest share."""
@@ -110,6 +115,12 @@ class ClassificationTask(Task):
     def batch_size(self, batch: dict[str, torch.Tensor]) -> int:
         return batch[self.target_key].shape[0]
 
+    def output_classes(self, outputs: Any) -> int | None:
+        """`num_classes`, else (when it was left unset) the logits' last dimension."""
+        if self.num_classes is None and isinstance(outputs, torch.Tensor) and outputs.ndim >= 2:
+            return outputs.shape[-1]
+        return self.num_classes
+
 
 class LanguageModelTask(Task):
     """Next-token prediction: the model maps (B, T) tokens to (B, T, vocab) logits; each block of T + 1 tokens
@@ -143,6 +154,10 @@ class LanguageModelTask(Task):
     def batch_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         blocks = batch[self.input_key]
         return blocks.shape[0] * (blocks.shape[1] - 1)
+
+    def output_classes(self, outputs: Any) -> int | None:
+        """The vocabulary: the size of the logits' last dimension (the model's output size)."""
+        return outputs.shape[-1] if isinstance(outputs, torch.Tensor) and outputs.ndim >= 2 else None
 
 
 class WGANTask(Task):

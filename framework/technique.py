@@ -32,14 +32,14 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from framework.errors import ConfigError, IncompatibleError
+from framework.errors import IncompatibleError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: the contract needs neither torch nor accelerate to be imported
     import torch
 
+    from framework.backend import Backend
     from framework.state import TrainState
 
 #: Every hook, in the order the loop first reaches it. `optimizer_step` is called only on a step-owning technique.
@@ -61,17 +61,6 @@ HOOKS: tuple[str, ...] = (
 )
 
 
-@dataclass(frozen=True)
-class Backend:
-    """Where a run executes, as `Technique.check` sees it (read from the Accelerator, or made up in tests/docs)."""
-
-    distributed_type: str = "NO"  # accelerate's DistributedType name: NO, MULTI_CPU, MULTI_GPU, DEEPSPEED, FSDP
-    num_processes: int = 1
-    mixed_precision: str = "no"  # no | fp16 | bf16
-    device_type: str = "cpu"  # cpu | cuda | ...
-    deepspeed_stage: int | None = None  # ZeRO stage when distributed_type is DEEPSPEED
-
-
 class Technique:
     """Base class of every plug-in. Subclasses override only the hooks they need.
 
@@ -80,12 +69,15 @@ class Technique:
         owns_optimizer_step: True for the one technique that replaces `optimizer.step()` (e.g. SAM).
         sets_learning_rate: True for a technique that sets the optimizer's LR as training goes (an LR schedule);
             only one may, since two would multiply each other's LR.
+        handles_nonfinite: True for a technique that recovers from non-finite losses and gradients itself (skips
+            the step, rolls back): others that would stop the run on one (the doctor) leave that to it.
         example_args: arguments of a typical instance, when some are required.
     """
 
     name: ClassVar[str] = ""
     owns_optimizer_step: ClassVar[bool] = False
     sets_learning_rate: ClassVar[bool] = False
+    handles_nonfinite: ClassVar[bool] = False
     #: Arguments for a typical instance, for techniques that have required ones (used by docs and the table).
     example_args: ClassVar[dict[str, Any]] = {}
 
@@ -122,6 +114,12 @@ class Technique:
         context manager that swaps them into the model and back. They are the weights an evaluation already ran on,
         so the eval hooks (EMA's swap) are not called around them. Every rank must return the same prefixes."""
         return {}
+
+    def evaluated_weights(self, state: TrainState) -> dict[str, torch.Tensor] | None:
+        """The weights evaluation runs on, when this technique swaps weights of its own in for it (EMA's average),
+        as one full state dict on the main process; None when evaluation runs on the model's own weights. Every rank
+        calls it (gathering may be collective). Best-model saving keeps these weights."""
+        return None
 
     def deepspeed_config(self) -> dict[str, Any]:
         """Entries this technique sets in a DeepSpeed config, whose engine owns clipping and the optimizer step."""
@@ -184,7 +182,7 @@ def check_techniques(techniques: Sequence[Technique], backend: Backend) -> None:
         technique.check(backend, others)
 
 
-# --- registry: only registered techniques can be built from a config ----------------------------------------------
+# --- registry: only registered techniques can be built from a config (framework.config.build_techniques) ----------
 TECHNIQUES: dict[str, type[Technique]] = {}
 
 
@@ -199,80 +197,3 @@ def register(name: str):
         return cls
 
     return decorate
-
-
-def build_techniques(specs: Mapping[str, Mapping[str, Any] | None]) -> list[Technique]:
-    """Build techniques from a config mapping `{registered_name: {argument: value}}`, keeping its order.
-
-    A value of `None` (``--techniques.ema null`` on the command line) leaves that technique out. Arguments are
-    validated against the technique's constructor signature and type hints; errors name the key.
-    """
-    import framework.techniques  # noqa: F401  (registers the built-in techniques)
-
-    techniques = []
-    for name, args in specs.items():
-        if args is None:
-            continue
-        if name not in TECHNIQUES:
-            raise ConfigError(
-                f"techniques.{name}: unknown technique. Registered techniques: {', '.join(sorted(TECHNIQUES))}."
-            )
-        cls = TECHNIQUES[name]
-        techniques.append(cls(**_validated_arguments(f"techniques.{name}", cls, dict(args))))
-    return techniques
-
-
-def lock_down_parsing() -> None:
-    """Make jsonargparse treat every config as data: it never imports or instantiates what a value names.
-
-    By default jsonargparse builds `{class_path: os.system, init_args: {command: ...}}` wherever a field accepts
-    `Any` (technique and augmentation arguments), which would let a YAML file run any command. Idempotent.
-    """
-    from jsonargparse import set_parsing_settings
-
-    set_parsing_settings(import_path_denylist=["*"], instantiate_subclass_spec_in_any=False)
-
-
-def refuse_code(value: Any, where: str = "") -> None:
-    """Raise `ConfigError` if a config value names Python code to import (a `class_path` key anywhere in it).
-
-    Only registered techniques, and the recipe's own model and data classes, can be built from a config.
-    """
-    if isinstance(value, Mapping):
-        if "class_path" in value:
-            raise ConfigError(
-                f"{where + '.' if where else ''}class_path: a config cannot name Python code to import or call "
-                f"({value['class_path']!r}). Choose techniques by registered name (techniques: {{NAME: {{ARG: "
-                "VALUE}}}}) and models and data through their own options; new techniques are registered in Python "
-                "with @register."
-            )
-        for key, item in value.items():
-            refuse_code(item, f"{where}.{key}" if where else str(key))
-    elif isinstance(value, (list, tuple)):
-        for index, item in enumerate(value):
-            refuse_code(item, f"{where}[{index}]")
-
-
-def _validated_arguments(prefix: str, cls: type, args: dict[str, Any]) -> dict[str, Any]:
-    """Check names and types of constructor arguments with jsonargparse (the same checks as the rest of the config)."""
-    from jsonargparse import ArgumentParser
-
-    lock_down_parsing()
-    refuse_code(args, prefix)
-    known = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
-    for key in args:
-        if key not in known:
-            raise ConfigError(f"{prefix}.{key}: unknown argument. {cls.__name__} accepts: {', '.join(known)}.")
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_class_arguments(cls, fail_untyped=False)
-    try:
-        namespace = parser.parse_object(args)
-    except Exception as error:  # jsonargparse raises its ArgumentError; its message names the key
-        raise ConfigError(f"{prefix}: {str(error).strip()}") from None
-    defaults = inspect.signature(cls).parameters
-    for key in args:  # jsonargparse lets null through for a typed argument; the constructor would then fail
-        if args[key] is None and namespace.get(key) is None and defaults[key].default is not None \
-                and "None" not in str(defaults[key].annotation) and "Optional" not in str(defaults[key].annotation):
-            raise ConfigError(f"{prefix}.{key}: null is not a value of this argument; leave it out for its default "
-                              f"{defaults[key].default!r}.")
-    return {key: namespace[key] for key in known if key in namespace and key in args}

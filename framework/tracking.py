@@ -94,18 +94,26 @@ def make_trackers(tracker: str, output_dir: str) -> list[Any]:
 
 
 def tracker_init_kwargs(output_dir: str, run_name: str | None, group: str | None = None,
-                        tags: list[str] | None = None, resuming: bool = False) -> dict[str, dict[str, Any]]:
-    """W&B's init arguments. The run id is kept in output_dir/wandb_run_id, so a run resumed in the same directory
-    (after a crash or a preemption) continues the same W&B run instead of starting a new one."""
+                        tags: list[str] | None = None, resume_step: int | None = None,
+                        rewind: bool = False) -> dict[str, dict[str, Any]]:
+    """W&B's init arguments. The run id is kept in output_dir/wandb_run_id, so a run resumed (`resume_step`: the
+    checkpoint's step) in the same directory continues the same W&B run instead of starting a new one.
+
+    Continued, the run ignores the steps the killed run had already logged past the checkpoint (W&B's steps only
+    increase); resume is bitwise, so the values it keeps are the ones the resumed run logs again. With `rewind`, W&B
+    truncates the run's history at `resume_step` instead (`resume_from`, wandb >= 0.17.1; a preview feature of the
+    W&B server that the account must have)."""
     name = run_name or Path(output_dir).resolve().name
     id_file = Path(output_dir) / "wandb_run_id"
-    if resuming and id_file.is_file():
+    resuming = resume_step is not None and id_file.is_file()
+    if resuming:
         run_id = id_file.read_text().strip()
     else:
         run_id = uuid.uuid4().hex[:12]  # W&B run ids: letters and digits, unique within the project
         id_file.write_text(run_id + "\n")
+    continued = {"resume_from": f"{run_id}?_step={resume_step}"} if resuming and rewind else {"resume": "allow"}
     return {"wandb": {"name": name, "dir": str(output_dir), "group": group, "tags": list(tags or []), "id": run_id,
-                      "resume": "allow"}}
+                      **continued}}
 
 
 def log_picture(accelerator: Accelerator, name: str, path: str | os.PathLike, step: int = 0) -> None:

@@ -19,12 +19,13 @@ from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import save_file
 
+from framework.backend import Backend
 from framework.checkpoint import MARKER, check_checkpoint_matches, load_checkpoint
-from framework.config import parse_config, run_main
+from framework.config import build_techniques, parse_config, run_main
 from framework.data.images import ImageDataConfig, image_data
 from framework.errors import ConfigError
 from framework.models.resnet import ResNet, ResNetConfig
-from framework.technique import Backend, build_techniques, check_techniques
+from framework.technique import check_techniques
 from helpers import ROOT, launch_environment, load_recipe
 
 RUN_NUMBERS = itertools.count()

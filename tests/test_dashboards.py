@@ -8,7 +8,7 @@ import json
 import pytest
 
 from helpers import ROOT, launch
-from wandb_reader import logged_history, read_records, run_file
+from wandb_reader import finished_records, logged_history, read_records, run_file
 
 RECIPE = ROOT / "recipes" / "image_classification.py"
 CONFIG = ("--config", str(ROOT / "recipes" / "configs" / "digits_regularized.yaml"))
@@ -81,3 +81,40 @@ def test_detect_anomaly_is_on_during_training_only(tmp_path):
 
     make_trainer(tmp_path, techniques=[Probe()], epochs=1, detect_anomaly=True).fit()
     assert seen and all(seen) and not torch.is_anomaly_enabled()
+
+
+@pytest.mark.parametrize("rewind", [False, True])
+def test_a_resumed_run_continues_its_wandb_run_or_rewinds_it_to_the_checkpoint(tmp_path, monkeypatch, rewind):
+    """Killed after step 6, resumed from its step-3 checkpoint: the same W&B run id; with --wandb_rewind the run
+    file names the checkpoint's step as the branch point (W&B truncates the history there), without it none."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from framework.config import TrainerConfig
+    from framework.loop import Trainer
+    from framework.task import ClassificationTask
+    from helpers import reset_accelerate, tiny_classification_data
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    data = tiny_classification_data(16)
+
+    def run(**config):
+        reset_accelerate()
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        settings = TrainerConfig(output_dir=str(tmp_path), epochs=2, max_steps=6, checkpoint_every=3,
+                                 keep_checkpoints=3, log_every=1, tracker="wandb", **config)
+        Trainer(settings, model, torch.optim.SGD(model.parameters(), lr=0.1), ClassificationTask(num_classes=3),
+                DataLoader(data, batch_size=4), techniques=[]).fit()
+
+    run()
+    run(resume_from=str(tmp_path / "checkpoints" / "step_00000003"), wandb_rewind=rewind)
+    first, second = sorted(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+    records = [finished_records(path) for path in (first, second)]
+    runs = [[r.run for r in rs if r.WhichOneof("record_type") == "run"] for rs in records]
+    assert [len(r) for r in runs] == [1, 1], runs
+    assert runs[0][0].run_id == runs[1][0].run_id == (tmp_path / "wandb_run_id").read_text().strip()
+    internal = [json.loads(item.value_json) for item in runs[1][0].config.update if item.key == "_wandb"]
+    expected = {"run_id": runs[0][0].run_id, "step": 3} if rewind else None
+    assert [entry.get("branch_point") for entry in internal] == [expected], internal
+    assert [row["_step"] for row in logged_history(second) if "train/loss" in row] == [4, 5, 6]

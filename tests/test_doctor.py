@@ -15,11 +15,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from framework.config import TrainerConfig
+from framework.config import TrainerConfig, build_techniques
 from framework.errors import ConfigError, FrameworkError
 from framework.loop import Trainer
 from framework.task import ClassificationTask, LanguageModelTask, Task
-from framework.technique import build_techniques
 from framework.techniques.doctor import (
     Doctor,
     NonFiniteLossError,

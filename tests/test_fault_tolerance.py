@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from framework.checkpoint import MARKER, completed_checkpoints, resolve_resume
-from framework.techniques.nan_guard import nonfinite, scale_learning_rates_
+from framework.optim import scale_learning_rates_
+from framework.techniques.nan_guard import nonfinite
 from helpers import ROOT, assert_same_weights, launch
 
 DUMP = ROOT / "tests" / "scripts" / "recipe_then_dump_params.py"

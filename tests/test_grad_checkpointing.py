@@ -16,18 +16,18 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-import framework.techniques.grad_checkpointing as gc_module
-from framework.config import TrainerConfig
+import framework.nn.checkpointing as gc_module
+from framework.config import TrainerConfig, build_techniques
 from framework.errors import ConfigError
 from framework.loop import Trainer
 from framework.models.gpt import GPT, Block, GPTConfig
 from framework.models.resnet import BasicBlock, ResNet, ResNetConfig
+from framework.nn.checkpointing import checkpoint_modules, is_checkpointed, remove_checkpointing
 from framework.nn.drop_path import DropPath
 from framework.state import TrainState
 from framework.task import ClassificationTask
-from framework.technique import build_techniques
-from framework.techniques import GradientCheckpointing, StochasticDepth, checkpoint_modules, remove_checkpointing
-from framework.techniques.grad_checkpointing import default_targets, is_checkpointed
+from framework.techniques import GradientCheckpointing, StochasticDepth
+from framework.techniques.grad_checkpointing import default_targets
 from helpers import ROOT, launch
 
 POLICIES = ["full", "every_k", "selective"]

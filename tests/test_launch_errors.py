@@ -10,11 +10,10 @@ import pytest
 import torch
 from accelerate.commands.config.config_args import load_config_from_file
 
-from framework.backend import check_launch_environment
+from framework.backend import Backend, check_launch_environment
 from framework.checkpoint import MARKER, check_resumable
 from framework.compat import LAUNCH_BACKENDS, compatibility_table
 from framework.errors import ConfigError, LaunchError
-from framework.technique import Backend
 from helpers import ROOT, launch, launch_environment
 
 RECIPE = ROOT / "recipes" / "image_classification.py"
@@ -115,18 +114,25 @@ def zero3_marker(directory, num_processes=2):
     return directory
 
 
-def test_zero3_checkpoint_into_a_run_without_deepspeed_is_refused(tmp_path):
+def test_a_checkpoint_deepspeed_cannot_load_is_refused(tmp_path):
     checkpoint = zero3_marker(tmp_path / "checkpoints" / "step_00000010")
     check_resumable(checkpoint, Backend("DEEPSPEED", 2, deepspeed_stage=3))  # the same backend: fine
-    # The conversion is the framework's own command: never the zero_to_fp32.py shipped inside the checkpoint.
-    with pytest.raises(ConfigError, match="python -m framework.checkpoint consolidate") as refusal:
-        check_resumable(checkpoint, Backend("MULTI_CPU", 2))
-    assert "zero_to_fp32" not in str(refusal.value)
+    check_resumable(checkpoint, Backend("MULTI_CPU", 1))  # without DeepSpeed: consolidated as it loads
     with pytest.raises(ConfigError, match="ZeRO-3 on 2 processes and cannot be loaded by DeepSpeed ZeRO-3 on 4"):
         check_resumable(checkpoint, Backend("DEEPSPEED", 4, deepspeed_stage=3))
+    # The conversion is the framework's own command: never the zero_to_fp32.py shipped inside the checkpoint.
+    with pytest.raises(ConfigError, match="python -m framework.checkpoint consolidate") as refusal:
+        check_resumable(checkpoint, Backend("DEEPSPEED", 2, deepspeed_stage=2))
+    assert "zero_to_fp32" not in str(refusal.value)
+    ddp = tmp_path / "ddp"
+    ddp.mkdir()
+    ddp_backend = {"distributed_type": "MULTI_CPU", "num_processes": 2}
+    (ddp / MARKER).write_text(json.dumps({"step": 10, "backend": ddp_backend}))
+    with pytest.raises(ConfigError, match="a run without DeepSpeed and cannot be loaded by DeepSpeed ZeRO-2"):
+        check_resumable(ddp, Backend("DEEPSPEED", 2, deepspeed_stage=2))
     result = launch(RECIPE, *CONFIG, "--output_dir", str(tmp_path / "run"), "--tracker", "none",
-                    "--resume_from", str(checkpoint))
-    assert "was written by DeepSpeed ZeRO-3 on 2 processes and cannot be loaded by a run without" in refused(result)
+                    "--resume_from", str(checkpoint), launch_config="deepspeed_zero2.yaml")
+    assert "was written by DeepSpeed ZeRO-3 on 2 processes and cannot be loaded by DeepSpeed ZeRO-2" in refused(result)
 
 
 @pytest.mark.parametrize("name", list(LAUNCH_BACKENDS))

@@ -181,7 +181,8 @@ def test_lr_schedules_recipe_draws_every_schedule(tmp_path):
 
 
 def test_two_lr_schedules_are_refused_before_training():
-    from framework.technique import Backend, Technique, check_techniques
+    from framework.backend import Backend
+    from framework.technique import Technique, check_techniques
 
     with pytest.raises(IncompatibleError, match=r"\['cosine_lr', 'step_lr'\] each set the learning rate.*keep one"):
         check_techniques([CosineLR(), StepLR(step_size_steps=5)], Backend())

@@ -10,10 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from framework.backend import Backend
+from framework.config import build_techniques
 from framework.errors import ConfigError, IncompatibleError
 from framework.state import TrainState
 from framework.task import ClassificationTask, Task
-from framework.technique import Backend, build_techniques, check_techniques
+from framework.technique import check_techniques
 from framework.techniques import (
     CutMix,
     LabelSmoothing,

@@ -12,12 +12,13 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
 
-from framework.config import TrainerConfig
+from framework.backend import Backend
+from framework.config import TrainerConfig, build_techniques
 from framework.errors import ConfigError, IncompatibleError
 from framework.loop import Trainer
 from framework.state import TrainState
 from framework.task import ClassificationTask
-from framework.technique import Backend, build_techniques, check_techniques
+from framework.technique import check_techniques
 from framework.techniques import ActivationStats, GradientFlow, Profiler, activation_stats, gradient_flow
 from helpers import tiny_classification_data
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from framework.backend import Backend
 from framework.errors import ConfigError, IncompatibleError
-from framework.technique import Backend, check_techniques
+from framework.technique import check_techniques
 from framework.techniques import (
     BestModel,
     EarlyStopping,

@@ -12,9 +12,9 @@ import sys
 import pytest
 import yaml
 
+from framework.backend import Backend
 from framework.checkpoint import MARKER, check_resumable
 from framework.errors import ConfigError
-from framework.technique import Backend
 from helpers import ROOT, launch_environment
 
 TINY = ["--tracker", "none", "--doctor", "false", "--data.batch_size", "8", "--data.image_size", "8",
@@ -59,10 +59,11 @@ def test_a_change_that_would_misread_the_state_is_refused(run_to_step_8, change,
     assert "cannot change on resume" in resumed.stderr
 
 
-def test_a_deepspeed_checkpoint_of_another_world_size_is_refused(tmp_path):
-    """DDP checkpoints resume on another world size (tests/test_elastic_resume.py); DeepSpeed's are sharded per rank:
-    refused with the conversion command."""
+def test_a_zero3_checkpoint_of_another_world_size_is_refused(tmp_path):
+    """ZeRO-1/2 checkpoints resume on another world size through DeepSpeed's universal checkpoint
+    (tests/test_elastic_resume.py); ZeRO-3's only without DeepSpeed: refused with both fixes."""
     (tmp_path / MARKER).write_text(json.dumps({"step": 4, "backend": {"distributed_type": "DEEPSPEED",
-                                                                      "num_processes": 2, "deepspeed_stage": 2}}))
-    with pytest.raises(ConfigError, match="ZeRO-2 on 2 processes.*ZeRO-2 on 1 processes.*consolidate"):
-        check_resumable(tmp_path, Backend(distributed_type="DEEPSPEED", num_processes=1, deepspeed_stage=2))
+                                                                      "num_processes": 2, "deepspeed_stage": 3}}))
+    check_resumable(tmp_path, Backend(distributed_type="NO", num_processes=1))  # consolidated as it loads
+    with pytest.raises(ConfigError, match="ZeRO-3 on 2 processes.*ZeRO-3 on 1 processes.*without DeepSpeed"):
+        check_resumable(tmp_path, Backend(distributed_type="DEEPSPEED", num_processes=1, deepspeed_stage=3))

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from framework.backend import Backend
 from framework.errors import ConfigError, IncompatibleError
-from framework.technique import Backend, check_techniques
+from framework.technique import check_techniques
 from framework.techniques import SAM, GradientClipping, sam_perturbation
 from helpers import ROOT, launch, tiny_classification_data
 from test_loop import make_trainer

@@ -12,14 +12,13 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from framework.config import TrainerConfig
+from framework.config import TrainerConfig, build_techniques
 from framework.errors import ConfigError
 from framework.loop import Trainer
 from framework.models.resnet import ResNet, ResNetConfig
 from framework.nn.drop_path import DropPath, drop_path
 from framework.state import TrainState
 from framework.task import ClassificationTask
-from framework.technique import build_techniques
 from framework.techniques import StochasticDepth, depth_rates
 
 

@@ -8,9 +8,11 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from framework.backend import Backend
+from framework.config import build_techniques
 from framework.errors import ConfigError, IncompatibleError
 from framework.state import TrainState
-from framework.technique import Backend, Technique, build_techniques, check_techniques
+from framework.technique import Technique, check_techniques
 from framework.techniques import EMA, CosineLR, GradientClipping, ema_update_
 
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from framework.backend import Backend
 from framework.errors import ConfigError, IncompatibleError
 from framework.task import WGANTask
-from framework.technique import Backend
 from framework.techniques.gradient_penalty import GradientPenalty, gradient_penalty
 from helpers import ROOT, launch, reset_accelerate
 

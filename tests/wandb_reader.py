@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -60,3 +61,14 @@ def run_file(output_dir: str | Path) -> Path:
     runs = sorted(Path(output_dir, "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1, f"expected exactly one W&B run under {output_dir}, found {runs}"
     return runs[0]
+
+
+def finished_records(path: str | Path, timeout: float = 60) -> list[wandb_internal_pb2.Record]:
+    """The records of a run that finished in this process: W&B's service writes the file after `finish()` returns,
+    so wait for its `exit` record (the last one it writes)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = read_records(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)

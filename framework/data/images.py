@@ -122,7 +122,8 @@ class ImageBatchTransform:
                 for image, index in zip(images, indices):
                     generator.manual_seed(sample_seed(self.seed, epoch, index))
                     pixels.append(pipeline(image))
-        return {"pixel_values": pixels, "label": batch[self.label_column]}
+        # The sample indices travel with the batch, so a report (nan_guard's loss spikes) can name the samples.
+        return {"pixel_values": pixels, "label": batch[self.label_column], "index": list(indices)}
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

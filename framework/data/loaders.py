@@ -84,12 +84,25 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
         drop_last=drop_last,
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),  # page-locked host memory: faster, asynchronous copies to the GPU
-        persistent_workers=workers > 0,
-        worker_init_fn=ignore_stop_signals_in_worker if workers > 0 else None,  # a stop signal reaches the whole tree  # no worker start-up cost at every epoch
+        persistent_workers=workers > 0,  # no worker start-up cost at every epoch
+        worker_init_fn=ignore_stop_signals_in_worker if workers > 0 else None,  # a stop signal reaches the whole tree
         prefetch_factor=prefetch_factor if workers > 0 else None,
         # Draws the workers' base seed, which then does not come from (and move) the training process's random stream.
         generator=torch.Generator().manual_seed(seed) if seed is not None else None,
     )
+
+
+def shut_down_workers(loader: DataLoader) -> None:
+    """End a loader's persistent worker processes now (they come back on its next iteration).
+
+    Left to the garbage collector, an iterator inside a reference cycle (as a finished run's objects are) may have
+    its queues finalized before it, and its workers then never receive the stop message: torch waits 5 s per worker
+    before killing it. torch has no public call for this; its iterator's own shutdown is the one it runs itself."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    if iterator is not None:
+        loader._iterator = None
 
 
 def first_batches(loader: DataLoader, batches: int) -> DataLoader:

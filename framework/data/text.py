@@ -95,6 +95,8 @@ def text_data(config: TextDataConfig, seed: int = 0) -> TextData:
     if config.max_eval_blocks is not None:
         for split in ("validation", "test"):
             blocks[split] = blocks[split].select(range(min(len(blocks[split]), config.max_eval_blocks)))
+    # Each block's index travels with its batch, so a report (nan_guard's loss spikes) can name the samples.
+    blocks = blocks.map(lambda _, index: {"index": index}, with_indices=True, desc="block indices")
     blocks = blocks.with_format("torch")
     loaders = {
         split: make_loader(dataset, config.batch_size if split == "train" else config.eval_batch_size,

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from framework.nn.attention import attention
+from framework.nn.checkpointing import checkpoint_modules, remove_checkpointing
 from framework.nn.drop_path import DropPath
 
 
@@ -126,10 +127,8 @@ class GPT(nn.Module):
         return self.lm_head(self.ln_f(x))
 
     def set_grad_checkpointing(self, enable: bool = True, policy: str = "full", every_k: int = 2) -> None:
-        """Recompute blocks in backward instead of storing their activations (see the `gradient_checkpointing`
-        technique for the policies)."""
-        from framework.techniques.grad_checkpointing import checkpoint_modules, remove_checkpointing
-
+        """Recompute blocks in backward instead of storing their activations (the policies are described in
+        framework/nn/checkpointing.py)."""
         if enable:
             checkpoint_modules(self, [Block], policy=policy, every_k=every_k)
         else:

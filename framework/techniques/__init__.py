@@ -6,7 +6,7 @@ from framework.techniques.doctor import Doctor, first_nonfinite_layer, out_of_me
 from framework.techniques.early_stopping import EarlyStopping
 from framework.techniques.ema import EMA, ema_update_
 from framework.techniques.grad_centralization import GradientCentralization, centralize_gradients_
-from framework.techniques.grad_checkpointing import GradientCheckpointing, checkpoint_modules, remove_checkpointing
+from framework.techniques.grad_checkpointing import GradientCheckpointing
 from framework.techniques.grad_clipping import GradientClipping
 from framework.techniques.gan_samples import GANSamples, classifier_judge
 from framework.techniques.gradient_flow import GradientFlow, gradient_flow
@@ -14,7 +14,8 @@ from framework.techniques.gradient_penalty import GradientPenalty, gradient_pena
 from framework.techniques.layerwise_lr import LayerwiseLR, parameter_groups
 from framework.techniques.label_smoothing import LabelSmoothing, smooth_targets
 from framework.techniques.lookahead import Lookahead, lookahead_sync_
-from framework.techniques.nan_guard import NaNGuard, scale_learning_rates_
+from framework.optim import scale_learning_rates_  # (was nan_guard's; rollbacks now go through the loop)
+from framework.techniques.nan_guard import NaNGuard
 from framework.techniques.mixup import CutMix, Mixup, cutmix_batch, cutmix_box, mixup_batch, one_hot_targets
 from framework.techniques.profiler import Profiler
 from framework.techniques.progressive_resizing import ProgressiveResizing, progressive_size
@@ -40,7 +41,7 @@ __all__ = [
     "LabelSmoothing", "smooth_targets", "Mixup", "CutMix", "mixup_batch", "cutmix_box", "cutmix_batch",
     "one_hot_targets",
     "StochasticDepth", "depth_rates", "ProgressiveResizing", "progressive_size",
-    "GradientCheckpointing", "checkpoint_modules", "remove_checkpointing",
+    "GradientCheckpointing",
     "ActivationStats", "activation_stats", "GradientFlow", "gradient_flow", "Profiler",
     "TextSample", "sample_text", "GradientPenalty", "gradient_penalty", "GANSamples", "classifier_judge",
     "NaNGuard", "scale_learning_rates_",

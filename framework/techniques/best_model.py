@@ -23,10 +23,11 @@ from framework.technique import Technique, register
 from framework.techniques.early_stopping import improved
 
 
-def evaluated_weights(state: TrainState) -> dict[str, torch.Tensor]:
-    """The weights the last evaluation ran on: a technique's (EMA) if one swapped its own in, else the model's."""
+def last_evaluated_weights(state: TrainState) -> dict[str, torch.Tensor]:
+    """The weights the last evaluation ran on: a technique's own if it swaps them in for evaluation (its
+    `evaluated_weights`, e.g. EMA's average), else the model's."""
     for technique in state.techniques:
-        weights = getattr(technique, "evaluated_state_dict", lambda _: None)(state)
+        weights = technique.evaluated_weights(state)
         if weights is not None:
             return weights
     return full_state_dict(state.accelerator, state.model)
@@ -55,7 +56,7 @@ class BestModel(Technique):
         value = state.validation_metric(self.name, self.metric)
         if not main_process_decides(state.accelerator, self._qualifies(value)):  # the gather below is collective
             return
-        weights = evaluated_weights(state)
+        weights = last_evaluated_weights(state)
         if not state.accelerator.is_main_process:
             return
         folder = state.output_dir / "best"

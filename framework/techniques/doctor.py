@@ -67,6 +67,7 @@ from tqdm.auto import tqdm
 
 from framework.errors import ConfigError, FrameworkError
 from framework.state import TrainState
+from framework.task import Task
 from framework.technique import Technique, register
 
 #: Optimizer steps whose total gradient norm sets the baseline that "exploding" compares against (their median).
@@ -91,14 +92,9 @@ class Finding:
 
 # --- initial loss --------------------------------------------------------------------------------------------------
 def output_classes(task: Any, outputs: Any) -> int | None:
-    """The number of classes the loss chooses among: `task.num_classes`, else the logits' last dimension for the
-    framework's classification and language-model tasks (the vocabulary is the model's output size)."""
-    from framework.task import ClassificationTask, LanguageModelTask
-
-    classes = getattr(task, "num_classes", None)
-    if classes is None and isinstance(task, (ClassificationTask, LanguageModelTask)) \
-            and isinstance(outputs, torch.Tensor) and outputs.ndim >= 2:
-        classes = outputs.shape[-1]
+    """The number of classes the loss chooses among, as the task declares it (`Task.output_classes`: a language
+    model's vocabulary is its logits' size); for an object that is no `Task`, its `num_classes` attribute."""
+    classes = task.output_classes(outputs) if isinstance(task, Task) else getattr(task, "num_classes", None)
     return int(classes) if classes else None
 
 
@@ -640,7 +636,7 @@ class Doctor(Technique):
         finding = nonfinite_loss_finding(layer, self._batch, steps, self.check_every,
                                          nonfinite_parameters(self._model))
         self.report(state, finding)
-        if self.stop_on_nonfinite and not any(t.name == "nan_guard" for t in state.techniques):  # it recovers
+        if self.stop_on_nonfinite and not any(t.handles_nonfinite for t in state.techniques):  # one recovers
             raise NonFiniteLossError(f"training stopped: {finding.message} Fix: {finding.fix} (To keep training "
                                      "anyway: --techniques.doctor.stop_on_nonfinite false.)")
 

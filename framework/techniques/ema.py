@@ -130,8 +130,8 @@ class EMA(Technique):
         self._swap_out()
         return weights
 
-    def evaluated_state_dict(self, state: TrainState) -> dict[str, torch.Tensor] | None:
-        """The weights evaluation runs on, when they are the average (for best-model saving)."""
+    def evaluated_weights(self, state: TrainState) -> dict[str, torch.Tensor] | None:
+        """The average, when evaluation runs on it (`evaluate_with_ema`): best-model saving keeps these weights."""
         return self.ema_state_dict(state) if self.evaluate_with_ema else None
 
     def fit_end(self, state: TrainState) -> None:

@@ -11,9 +11,10 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from framework.backend import Backend
 from framework.errors import IncompatibleError
 from framework.state import TrainState
-from framework.technique import Backend, Technique, register
+from framework.technique import Technique, register
 
 
 @torch.no_grad()

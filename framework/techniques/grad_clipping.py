@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from accelerate.utils import DistributedType
 
-from framework.backend import clip_grad_norm
+from framework.backend import Backend, clip_grad_norm
 from framework.errors import ConfigError, IncompatibleError
 from framework.state import TrainState
-from framework.technique import Backend, Technique, register
+from framework.technique import Technique, register
 
 
 @register("gradient_clipping")

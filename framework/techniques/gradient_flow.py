@@ -24,10 +24,11 @@ from collections.abc import Iterable, Sequence
 import torch
 from accelerate.utils import DistributedType
 
+from framework.backend import Backend
 from framework.errors import ConfigError, IncompatibleError
 from framework.plots import plot_gradient_flow
 from framework.state import TrainState
-from framework.technique import Backend, Technique, register
+from framework.technique import Technique, register
 from framework.tracking import log_picture
 
 try:

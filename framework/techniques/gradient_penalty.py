@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
-from framework.errors import ConfigError
+from framework.backend import Backend
+from framework.errors import ConfigError, IncompatibleError
 from framework.state import TrainState
-from framework.technique import Backend, IncompatibleError, Technique, register
+from framework.technique import Technique, register
 
 
 def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor, fake: torch.Tensor,

@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 
+from framework.backend import Backend
 from framework.errors import ConfigError, IncompatibleError
 from framework.state import TrainState
-from framework.technique import Backend, Technique, register
+from framework.technique import Technique, register
 
 
 @torch.no_grad()

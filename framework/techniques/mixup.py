@@ -22,9 +22,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from framework.backend import Backend
 from framework.errors import ConfigError, IncompatibleError
 from framework.state import TrainState
-from framework.technique import Backend, Technique, register
+from framework.technique import Technique, register
 
 
 def one_hot_targets(target: torch.Tensor, num_classes: int) -> torch.Tensor:

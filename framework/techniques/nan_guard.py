@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 
-from framework.checkpoint import load_checkpoint, newest_healthy_checkpoint
-from framework.errors import ConfigError
-from framework.optim import scale_learning_rates_
+from framework.backend import Backend
+from framework.checkpoint import newest_healthy_checkpoint
+from framework.errors import ConfigError, IncompatibleError
 from framework.state import TrainState
-from framework.technique import Backend, IncompatibleError, Technique, register
+from framework.technique import Technique, register
 
 
 def nonfinite(tensors: Iterable[torch.Tensor | None]) -> torch.Tensor:
@@ -62,6 +62,8 @@ class NaNGuard(Technique):
             the last `spike_window` steps (e.g. 6); null: NaN/inf only.
         spike_window: steps whose losses the spike test compares against.
     """
+
+    handles_nonfinite = True  # it skips and rolls back: a technique that would stop the run on one leaves it to this
 
     def __init__(self, max_consecutive: int = 3, lr_factor: float = 0.5, max_rollbacks: int = 2,
                  spike_threshold: float | None = None, spike_window: int = 50):
@@ -148,13 +150,9 @@ class NaNGuard(Technique):
             self._stop(state, "no checkpoint to roll back to" if checkpoint is None
                        else f"{self.rollbacks} rollback(s) did not help")
         counters = (self.skipped, self.rollbacks + 1, self.spikes)
-        registered = [state, *[t for t in state.techniques if t.has_state]]
-        load_checkpoint(state.accelerator, checkpoint, state.model, registered)  # every rank: they agreed
+        state.rollback(to=checkpoint, lr_factor=self.lr_factor)  # every rank: they agreed
         self.skipped, self.rollbacks, self.spikes = counters  # the guard's own counts outlive the rollback
         self.consecutive = 0
-        schedulers = [s for t in state.techniques for s in t.lr_schedulers()]
-        scale_learning_rates_(state.optimizer, schedulers, self.lr_factor)
-        state.rolled_back = True
         state.log(**{"nan_guard/rollbacks": self.rollbacks})
         if state.accelerator.is_main_process:
             print(f"nan_guard: {self.max_consecutive} skipped steps (non-finite or spikes) in a row; rolled back to {checkpoint.name} "

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from framework.backend import Backend
 from framework.errors import ConfigError
 from framework.state import TrainState
 from framework.technique import Technique, register
@@ -47,8 +48,8 @@ class SAM(Technique):
             raise ConfigError(f"sam.rho must be positive, got {rho}.")
         self.rho, self.adaptive = rho, adaptive
 
-    def fit_start(self, state: TrainState) -> None:
-        if state.accelerator.gradient_accumulation_steps > 1:
+    def check(self, backend: Backend, others: Sequence[Technique]) -> None:
+        if backend.gradient_accumulation_steps > 1:
             raise ConfigError("sam takes two forward-backward passes on each batch and cannot accumulate gradients "
                               "over micro-batches: set gradient_accumulation_steps to 1 (use a larger batch instead).")
 

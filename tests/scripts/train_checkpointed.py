@@ -12,12 +12,12 @@ import torch
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from framework.config import TrainerConfig
+from framework.config import TrainerConfig, build_techniques
 from framework.loop import Trainer
 from framework.models.gpt import GPT, GPTConfig
 from framework.models.resnet import ResNet, ResNetConfig
 from framework.task import ClassificationTask, Task
-from framework.technique import Technique, build_techniques
+from framework.technique import Technique
 from framework.techniques.stochastic_depth import StochasticDepth
 
 
