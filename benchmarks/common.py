@@ -43,6 +43,11 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # runnable as `python benchmarks/X.py` from anywhere
+if str(ROOT / "tests") not in sys.path:
+    sys.path.append(str(ROOT / "tests"))  # last: benchmarks/*.py names come first
+
+# One home for launching and resetting accelerate, shared with the tests (benchmarks import them from here).
+from helpers import launch, launch_command, reset_accelerate  # noqa: E402, F401
 
 
 class BenchmarkMismatch(AssertionError):
@@ -274,34 +279,15 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
     return max((x.float() - y.float()).abs().max().item() for x, y in zip(a.values(), b.values()))
 
 
-def reset_accelerate() -> None:
-    """accelerate keeps process-wide singletons; each in-process contender starts with a fresh Accelerator."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-def launch(script: Path, *args: str, launch_config: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    """`accelerate launch --config_file launch_configs/<launch_config> script args` for real, one thread per rank."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "OMP_WAIT_POLICY": "PASSIVE"}
-    env.pop("WORLD_SIZE", None)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "launch_configs" / launch_config), "--num_cpu_threads_per_process", "1", str(script), *args]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n"
-                           f"{done.stderr[-6000:]}")
-    return done
-
-
 def launch_ranks(script: Path, *args: str, launch_config: str) -> list[dict[str, Any]]:
     """Launch `script --worker --result_dir DIR args` on 2 ranks; each rank writes DIR/rank<R>.json (files, not
     stdout: the ranks' printed lines can interleave). Returns the ranks' results in rank order."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as result_dir:
-        launch(script, "--worker", "--result_dir", result_dir, *args, launch_config=launch_config)
+        # one thread per rank, idle threads asleep; a failed launch raises (RuntimeError with its output)
+        launch(script, "--worker", "--result_dir", result_dir, *args, launch_config=launch_config, timeout=900,
+               env={"OMP_WAIT_POLICY": "PASSIVE"}, check=True)
         paths = sorted(Path(result_dir).glob("rank*.json"))
         return [json.loads(path.read_text()) for path in paths]
 

@@ -47,8 +47,7 @@ LAUNCHED = {"ema_zero3": "deepspeed_zero3.yaml"}  # scripts that must run under 
 def command(name: str, args: list[str], threads: int, results: Path) -> list[str]:
     script = str(HERE / f"{name}.py")
     if name in LAUNCHED:
-        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                str(ROOT / "launch_configs" / LAUNCHED[name]), "--num_cpu_threads_per_process", "1", script, *args]
+        return common.launch_command(script, *args, launch_config=LAUNCHED[name])
     out = ["--out", str(results / f"{name}.json")]
     if name in ("attention", "checkpointing"):  # they have their own thread flag and JSON layout
         return [sys.executable, script, *args, *out]

@@ -13,17 +13,21 @@ import gc
 import inspect
 import os
 import sys
+import time
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, TypeVar
 
+import torch
 import yaml
+from accelerate.state import PartialState, is_initialized
 
 import framework.techniques  # noqa: F401  (registers the built-in techniques, which configs name)
 from framework.console import tell_launcher
 from framework.errors import ConfigError, FrameworkError
 from framework.technique import TECHNIQUES, Technique
+from framework.diagnosis import out_of_memory_report
 
 C = TypeVar("C")
 
@@ -294,6 +298,15 @@ def build_techniques(specs: Mapping[str, Mapping[str, Any] | None]) -> list[Tech
     return techniques
 
 
+def configured_techniques(config: TrainerConfig) -> list[Technique]:
+    """The techniques `config.techniques` lists, with the doctor first when `config.doctor` is on and the list does
+    not name it (first: it sees the raw loss)."""
+    techniques = build_techniques(config.techniques)
+    if config.doctor and "doctor" not in config.techniques:
+        techniques = build_techniques({"doctor": {}}) + techniques
+    return techniques
+
+
 def lock_down_parsing() -> None:
     """Make jsonargparse treat every config as data: it never imports or instantiates what a value names.
 
@@ -424,14 +437,27 @@ def _stateful(name: str) -> bool:
     return technique is None or technique.state_dict is not Technique.state_dict
 
 
+RANK_ZERO_PRINTS_FIRST_SECONDS = 10.0
+"""How long a rank other than 0 that refuses waits before it prints and exits (see `run_main`)."""
+
+
 def run_main(main: Callable[[], Any]) -> None:
-    """Run a recipe's `main`, turning a `FrameworkError` into one line on stderr and exit status 2 (no traceback)."""
+    """Run a recipe's `main`, turning a `FrameworkError` into one line on stderr and exit status 2 (no traceback);
+    running out of memory into the doctor's report (peak memory, the flags that trade memory for something else)."""
     try:
-        main()
+        try:
+            main()
+        except torch.OutOfMemoryError as error:
+            device = PartialState().device if is_initialized() else "cpu"  # the run's Accelerator set it
+            raise FrameworkError(out_of_memory_report(error, device)) from error
     except FrameworkError as error:
-        if os.environ.get("RANK", "0") == "0":
-            tell_launcher(f"error: {error}")  # torchrun's failure report then ends with it (framework/console.py)
-            print(f"error: {error}", file=sys.stderr)
+        tell_launcher(f"error: {error}")  # torchrun's failure report then ends with it (framework/console.py)
+        if os.environ.get("RANK", "0") != "0":
+            # torchrun stops every rank as soon as one exits: a rank that refused before rank 0 got there would
+            # kill it before it said why. Wait for rank 0 (which checks the same things) to print and exit; a
+            # refusal of this rank alone is printed by it after the wait.
+            time.sleep(RANK_ZERO_PRINTS_FIRST_SECONDS)
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     # Free the finished run (a DeepSpeed engine holds gloo work handles in reference cycles) while the interpreter
     # is whole: destroyed during interpreter shutdown instead, they can abort the process after a successful run.

@@ -11,67 +11,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from framework.backend import (
-    describe_backend,
-    forget_unscaling,
-    deepspeed_summary,
-    gradient_norm,
-    main_process_decides,
-    make_accelerator,
-    num_machines,
-    set_determinism,
-    unscale_gradients_once,
-    weights_finite,
-    weights_swapped_in,
-)
-from framework.checkpoint import (
-    LOCK,
-    acquire_run_lock,
-    batch_position_for_world_size,
-    check_overwritable,
-    check_resumable,
-    clear_run,
-    load_checkpoint,
-    newest_healthy_checkpoint,
-    release_run_lock,
-    resolve_resume,
-    save_checkpoint,
-    saved_batch_position,
-    saved_world_size,
-)
-from framework.config import TrainerConfig, build_techniques, config_to_yaml, flatten, resume_changes
-from framework.errors import ConfigError, FrameworkError
-from framework.optim import scale_learning_rates_
+from framework.backend import (deepspeed_summary, describe_backend, forget_unscaling, gradient_norm, make_accelerator,
+                               num_machines, set_determinism, unscale_gradients_once, weights_finite,
+                               weights_swapped_in)
+from framework.checkpoint import LOCK, load_checkpoint, newest_healthy_checkpoint, save_checkpoint
+from framework.config import TrainerConfig, config_to_yaml, configured_techniques, flatten
+from framework.data.loaders import first_batches, shut_down_workers
+from framework.errors import ConfigError
+from framework.lr_finder import find_lr
 from framework.nn.norm import frozen_running_statistics
+from framework.optim import scale_learning_rates_
+from framework.preemption import PreemptionWatch, exit_with_launcher, stop_preempted
+from framework.run_dir import open_run_dir, resume
 from framework.state import TrainState
 from framework.task import Task
-from framework.plots import plot_lr_curves
-from framework.preemption import PreemptionWatch, exit_with_launcher, mark_trackers_preempting
 from framework.technique import Technique, check_techniques, hook_table
-from framework.techniques.lr_finder import find_lr
-from framework.techniques.lr_schedule import schedule_lrs
-from framework.data.loaders import first_batches, shut_down_workers
-from framework.tracking import (
-    OVERFIT_NEAR_ZERO,
-    LogWindow,
-    batch_layout,
-    describe_start,
-    drop_metrics_after,
-    model_summary,
-    plain_output,
-    log_picture,
-    make_trackers,
-    memory_use,
-    overfit_verdict,
-    tracker_init_kwargs,
-)
+from framework.techniques.lr_schedule import draw_lr_schedule, preview_lr
+from framework.tracking import (LogWindow, announce_start, batch_layout, finish_run, log_train_step, make_trackers,
+                                plain_output, start_tracking)
 
 
 def window_loss_scale(batch_in_epoch: int, batches_per_epoch: int, accumulation: int) -> float:
@@ -124,9 +87,7 @@ class Trainer:
         exit_with_launcher()  # a rank whose launcher dies (SIGKILL) stops too, gracefully, instead of training on
         self.config = config
         self.task = task
-        self.techniques = build_techniques(config.techniques) if techniques is None else list(techniques)
-        if techniques is None and config.doctor and "doctor" not in config.techniques:
-            self.techniques = build_techniques({"doctor": {}}) + self.techniques  # first: it sees the raw loss
+        self.techniques = configured_techniques(config) if techniques is None else list(techniques)
         set_determinism(config.deterministic)
         deepspeed_values = {k: v for t in self.techniques for k, v in t.deepspeed_config().items()}
         self.accelerator = accelerator or make_accelerator(
@@ -138,26 +99,8 @@ class Trainer:
         self.backend = describe_backend(self.accelerator)
         check_techniques(self.techniques, self.backend)
         task.check(self.backend, self.techniques, config.gradient_accumulation_steps)
-        # The modes that train nothing (LR preview, LR finder, evaluate_only) work beside any run already there:
-        # they neither refuse an output_dir with checkpoints nor delete anything in it.
-        trains = not (config.preview_lr or config.find_lr or config.evaluate_only)
-        # One run per output_dir: the main process takes its lock first (every rank learns whether it got it).
-        refusal = None
-        if trains and self.accelerator.is_main_process:
-            try:
-                acquire_run_lock(config.output_dir)
-            except ConfigError as error:
-                refusal = error
-        if trains and main_process_decides(self.accelerator, refusal is not None):
-            raise refusal or ConfigError(f"output_dir {config.output_dir} is in use by another run (see rank 0).")
-        self._holds_lock = trains
-        try:
-            self._prepare_output_dir(trains)
-        except BaseException:  # refused: the directory is left as it was, lock included
-            if trains and self.accelerator.is_main_process:
-                release_run_lock(config.output_dir)
-            raise
-        self.accelerator.wait_for_everyone()
+        self.run = open_run_dir(self.accelerator, config, self.backend)  # its lock, the checkpoint to resume from
+        self.resume_path = self.run.resume_path
         self.data = {"train": train_data, "val": eval_data, "test": test_data}
         self.batch = batch_layout(getattr(train_data, "batch_size", None), self.accelerator.num_processes,
                                   config.gradient_accumulation_steps)
@@ -170,28 +113,7 @@ class Trainer:
         self._step_owner = next((t for t in self.techniques if t.owns_optimizer_step), None)
         self._last_checkpoint_step = -1
         self._preemption: PreemptionWatch | None = None
-
-    def _prepare_output_dir(self, trains: bool) -> None:
-        """Find the checkpoint to resume from and refuse what cannot continue it (another backend, a changed
-        setting that shapes the saved state, a world size whose position cannot be carried over); or, for a fresh
-        start with --overwrite, empty the earlier run's directory."""
-        config = self.config
-        self.resume_path = resolve_resume(config.resume_from, config.output_dir, config.overwrite) if trains else None
-        self.resume_changes: list[tuple[str, Any, Any]] = []
-        self._resumed_world = self.backend.num_processes
-        if self.resume_path is not None:
-            check_resumable(self.resume_path, self.backend)
-            self._resumed_world = saved_world_size(self.resume_path)
-            if self._resumed_world != self.backend.num_processes:  # elastic: refuse now what cannot continue exactly
-                batch_position_for_world_size(saved_batch_position(self.resume_path), self._resumed_world,
-                                              self.backend.num_processes, config.gradient_accumulation_steps)
-            if (self.resume_path / "config.yaml").is_file():  # what the checkpoint was written with
-                saved = yaml.safe_load((self.resume_path / "config.yaml").read_text())
-                self.resume_changes = resume_changes(saved, config)
-        if trains and self.resume_path is None and config.overwrite:
-            check_overwritable(config.output_dir)
-            if self.accelerator.is_main_process:
-                clear_run(config.output_dir)
+        self.model_summary: dict[str, Any] | None = None
 
     # --- the public entry points --------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -202,8 +124,7 @@ class Trainer:
             for loader in self.data.values():
                 if loader is not None:
                     shut_down_workers(loader)
-            if self._holds_lock and self.accelerator.is_main_process:
-                release_run_lock(self.config.output_dir)
+            self.run.release(self.accelerator)
 
     def _fit(self) -> dict[str, Any]:
         accelerator, config, state = self.accelerator, self.config, self.state
@@ -225,7 +146,7 @@ class Trainer:
         state.max_steps = config.max_steps or config.epochs * state.steps_per_epoch
         state.validates = self.data["val"] is not None and config.eval_every > 0
         if config.preview_lr:
-            return self.preview_lr()
+            return preview_lr(self)
         if config.find_lr:
             result = find_lr(self)
             accelerator.end_training()
@@ -235,40 +156,32 @@ class Trainer:
         if self.resume_path is None and accelerator.is_main_process and any(
                 t.sets_learning_rate for t in self.techniques):
             # Drawn now, while the schedules are not yet bound to the optimizer; logged when tracking starts.
-            self.draw_lr_schedule(state.output_dir / "lr_schedule.png")
+            draw_lr_schedule(self.techniques, state.optimizer, state.steps_per_epoch, state.max_steps,
+                             state.output_dir / "lr_schedule.png")
             self.pictures.setdefault("lr_schedule", lambda path: None)  # already at output_dir/lr_schedule.png
         self._call("fit_start")
         self._checkpointed = [state, *[t for t in self.techniques if t.has_state]]
         accelerator.register_for_checkpointing(*self._checkpointed)
         if self.resume_path is not None:
-            accelerator.print(f"resuming from {self.resume_path}")
-            load_checkpoint(accelerator, self.resume_path, state.model, self._checkpointed, state.optimizer)
+            resume(accelerator, self.run, state, self._checkpointed, self._lr_schedulers(),
+                   config.gradient_accumulation_steps)
             self._last_checkpoint_step = state.step
-            if self._resumed_world != accelerator.num_processes:  # elastic: the same samples seen, other batches
-                state.batch_in_epoch = batch_position_for_world_size(
-                    state.batch_in_epoch, self._resumed_world, accelerator.num_processes,
-                    config.gradient_accumulation_steps)
-                accelerator.print(f"resume: {self._resumed_world} -> {accelerator.num_processes} processes; "
-                                  f"continuing the epoch after the same {state.batch_in_epoch} batches per process")
-            self._apply_resume_changes()
-            if accelerator.is_main_process:
-                drop_metrics_after(state.output_dir, state.step)
-        self._start_tracking()
-        self._announce()
+        inference_files = {name: json.dumps(value, indent=2) + "\n" for name, value in self.inference_files.items()}
+        start_tracking(accelerator, config, flatten(config), {"config.yaml": config_to_yaml(config), **inference_files},
+                       self.pictures, state.step, resumed=self.resume_path is not None)
+        self.model_summary = announce_start(accelerator, accelerator.unwrap_model(state.model), self.backend,
+                                            self.batch, state.steps_per_epoch, state.max_steps, config.tracker,
+                                            state.output_dir)
 
         self._preemption = PreemptionWatch(accelerator.num_processes > 1) if config.handle_preemption else None
         try:
             with torch.autograd.set_detect_anomaly(config.detect_anomaly):
                 self._train()
-        except torch.OutOfMemoryError as error:
-            from framework.techniques.doctor import out_of_memory_report
-
-            raise FrameworkError(out_of_memory_report(error, accelerator.device)) from error
         finally:
             if self._preemption is not None:
                 self._preemption.close()
         if state.preempted:
-            return self._stop_preempted()
+            return stop_preempted(accelerator, state.step)
 
         results = dict(state.eval_metrics)
         if self.data["test"] is not None:
@@ -278,16 +191,15 @@ class Trainer:
                     with swapped_in:
                         results.update(self.evaluate(self.data["test"], prefix, hooks=False))
         self._call("fit_end")
-        return self._finish(results, time.perf_counter() - started)
-
-    def _stop_preempted(self) -> dict[str, Any]:
-        """After a preemption signal: the checkpoint is written; tell the tracker the run will resume, and stop."""
-        accelerator, state = self.accelerator, self.state
-        mark_trackers_preempting(accelerator.trackers)
-        accelerator.end_training()
-        if accelerator.is_main_process:
-            print(f"preempted: stopped after step {state.step} with a checkpoint; continue with --resume_from latest")
-        return {"preempted": True, "run": {"steps": state.step}}
+        seconds = time.perf_counter() - started
+        accelerator.wait_for_everyone()
+        accelerator.save_model(state.model, state.output_dir)
+        accelerator.log({k: v for k, v in results.items() if k.startswith("test")}, step=state.step)
+        setup = {"gradient_accumulation_steps": config.gradient_accumulation_steps, "num_machines": num_machines(),
+                 **deepspeed_summary(accelerator), **self.batch}
+        return finish_run(accelerator, state, results, setup, self._epochs_done(), seconds,
+                          [t.name or type(t).__name__ for t in self.techniques], self.model_summary,
+                          config.overfit_batches, hidden=LOCK)
 
     def evaluate_saved_weights(self, path: Path) -> dict[str, float]:
         """`--evaluate_only`: the validation and test metrics of the weights in `path` (a finished run's
@@ -306,27 +218,6 @@ class Trainer:
             print(f"evaluated {path}:\n" + "\n".join(f"{k:>18s} = {v:.4f}" for k, v in results.items()))
         self.accelerator.end_training()
         return results
-
-    def preview_lr(self) -> dict[str, Any]:
-        """Draw the LR every schedule technique gives each step of this run (first parameter group); no training."""
-        path = self.state.output_dir / "lr_schedule.png"
-        curves = self.draw_lr_schedule(path) if self.accelerator.is_main_process else {}
-        if self.accelerator.is_main_process:
-            print(f"wrote {path}")
-        self.accelerator.end_training()
-        return {"lr_schedule": str(path), "lrs": curves}
-
-    def draw_lr_schedule(self, path: Path) -> dict[str, list[float]]:
-        """The LR each schedule technique gives each step of this run (first parameter group), drawn to `path`.
-        Simulated on copies of the schedules: call it before `fit_start` binds them to the (DeepSpeed) optimizer."""
-        state, schedules = self.state, [t for t in self.techniques if t.sets_learning_rate]
-        base = state.optimizer.param_groups[0]["lr"]
-        scale = state.optimizer.param_groups[0].get("lr_scale", 1.0)  # layerwise_lr: the group's floor scales too
-        curves = {t.name: schedule_lrs(t, state.steps_per_epoch, state.max_steps, base, lr_scale=scale)
-                  for t in schedules}
-        curves = curves or {"constant": [base] * state.max_steps}
-        plot_lr_curves({f"{', '.join(curves)}: {state.max_steps} steps": curves}, path, state.steps_per_epoch)
-        return curves
 
     @torch.no_grad()
     def evaluate(self, loader: DataLoader, prefix: str = "val", hooks: bool = True) -> dict[str, float]:
@@ -405,7 +296,7 @@ class Trainer:
                     continue
                 progress.update(1)
                 if self._is_log_step(state.step):
-                    self._log_train(window, progress)
+                    log_train_step(accelerator, state, window, progress, self._epochs_done(), config.overfit_batches)
                     state.logs.clear()  # values logged between log lines: the latest one is written
                 if config.checkpoint_every and state.step % config.checkpoint_every == 0:
                     self._checkpoint()
@@ -498,27 +389,6 @@ class Trainer:
             method(self.state)
 
     # --- logging, evaluation, checkpoints, outputs --------------------------------------------------------------
-    def _log_train(self, window: LogWindow, progress: tqdm) -> None:
-        state = self.state
-        values = window.flush(self.accelerator, state.logs)
-        values["lr"] = state.optimizer.param_groups[0]["lr"]
-        if len({g["lr"] for g in state.optimizer.param_groups}) > 1:  # e.g. layerwise_lr (not no-decay groups)
-            values.update({f"lr/group_{i}": g["lr"] for i, g in enumerate(state.optimizer.param_groups)})
-        values.update(epoch=self._epochs_done(), samples_seen=state.samples_seen,
-                      **memory_use(self.accelerator.device))
-        if state.tokens_seen:
-            values["tokens_seen"] = state.tokens_seen
-        self.accelerator.log(values, step=state.step)
-        if self.config.overfit_batches:  # the verdict, kept current: the last log line decides it
-            loss = values["train/loss"]
-            report = state.summary.setdefault("overfit_batches", {"first_loss": loss})
-            report.update(last_loss=loss, near_zero=loss < OVERFIT_NEAR_ZERO)
-        progress.set_postfix(loss=f"{values['train/loss']:.4f}", samples_s=f"{values['samples_per_second']:.0f}",
-                             lr=f"{values['lr']:.2e}", refresh=False)
-        if progress.disable and self.accelerator.is_main_process:  # a log file: one plain line per log step
-            print(f"step {state.step}/{state.max_steps} epoch {values['epoch']:.2f}: loss {values['train/loss']:.4f}, "
-                  f"lr {values['lr']:.2e}, {values['samples_per_second']:.0f} samples/s", flush=True)
-
     def rollback(self, to: Path | None = None, lr_factor: float = 1.0) -> Path | None:
         """Mid-run, reload checkpoint `to` (default: the newest healthy one: intact, with finite weights where there
         is one) through the same load path as a resume, and multiply every learning rate by `lr_factor` for the rest
@@ -530,45 +400,17 @@ class Trainer:
             return None
         load_checkpoint(self.accelerator, checkpoint, state.model, self._checkpointed, state.optimizer)
         self._last_checkpoint_step = state.step  # that step is saved; the steps taken again are saved afresh
-        self._scale_learning_rates(lr_factor)
+        scale_learning_rates_(state.optimizer, self._lr_schedulers(), lr_factor)
         state.rolled_back = True
         return checkpoint
 
-    def _scale_learning_rates(self, factor: float) -> None:
-        """Every learning rate times `factor` from now on: the optimizer's groups and the techniques' schedulers."""
-        scale_learning_rates_(self.state.optimizer, [s for t in self.techniques for s in t.lr_schedulers()], factor)
-
-    def _apply_resume_changes(self) -> None:
-        """Settings changed since the checkpoint (only those `resume_changes` allows) take effect after its state is
-        loaded: the restored optimizer and schedules would otherwise keep the old LR and weight decay."""
-        state = self.state
-        for key, old, new in self.resume_changes:
-            if key == "optimizer.lr":
-                self._scale_learning_rates(new / old)
-            elif key == "optimizer.weight_decay":
-                for group in state.optimizer.param_groups:
-                    if group.get("weight_decay", 0.0) > 0:  # the no-decay groups stay at 0
-                        group["weight_decay"] = new
-        if self.resume_changes and self.accelerator.is_main_process:
-            print("resume: changed since the checkpoint: "
-                  + ", ".join(f"{key} {old} -> {new}" for key, old, new in self.resume_changes))
+    def _lr_schedulers(self) -> list[Any]:
+        """The techniques' LR schedulers: a rollback or a changed LR on resume rescales them with the optimizer."""
+        return [s for t in self.techniques for s in t.lr_schedulers()]
 
     def _epochs_done(self) -> float:
         """Epochs trained, with the current epoch's fraction: the same count in log lines, metrics and summary."""
         return self.state.epoch + self.state.batch_in_epoch / max(len(self.data["train"]), 1)
-
-    def _announce(self) -> None:
-        accelerator, config, state = self.accelerator, self.config, self.state
-        if not accelerator.is_main_process:
-            return
-        self.model_summary = model_summary(accelerator.unwrap_model(state.model))
-        stage = f" ZeRO-{self.backend.deepspeed_stage}" if self.backend.deepspeed_stage is not None else ""
-        kind = "one process" if self.backend.distributed_type == "NO" else self.backend.distributed_type
-        precision = "fp32" if self.backend.mixed_precision == "no" else self.backend.mixed_precision
-        where = f"{kind}{stage}, {self.backend.device_type}, {precision}"
-        print(describe_start(self.model_summary, self.batch, state.steps_per_epoch, state.max_steps, where))
-        if config.tracker == "tensorboard":
-            print(f"TensorBoard: tensorboard --logdir {state.output_dir}")
 
     def _evaluate_and_log(self) -> None:
         metrics = self.evaluate(self.data["val"], "val")
@@ -585,59 +427,3 @@ class Trainer:
                         self.backend, finite=weights_finite(self.accelerator, self.state.model),
                         files={"config.yaml": config_to_yaml(self.config)})
         self._last_checkpoint_step = self.state.step
-
-    def _start_tracking(self) -> None:
-        accelerator, config = self.accelerator, self.config
-        if accelerator.is_main_process:
-            self.state.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.state.output_dir / "config.yaml").write_text(config_to_yaml(config))  # --config reads it
-            for name, value in self.inference_files.items():
-                (self.state.output_dir / name).write_text(json.dumps(value, indent=2) + "\n")
-        init_kwargs = tracker_init_kwargs(config.output_dir, config.run_name, config.group, config.tags,
-                                          resume_step=self.state.step if self.resume_path else None,
-                                          rewind=config.wandb_rewind) \
-            if accelerator.is_main_process and config.tracker == "wandb" else {}  # only the main process runs W&B
-        accelerator.init_trackers(config.project, config=flatten(config), init_kwargs=init_kwargs)
-        if accelerator.is_main_process:
-            for name, draw in self.pictures.items():
-                path = self.state.output_dir / f"{name}.png"
-                draw(path)
-                log_picture(accelerator, name, path, step=self.state.step)
-
-    def _finish(self, results: dict[str, Any], seconds: float) -> dict[str, Any]:
-        accelerator, state = self.accelerator, self.state
-        accelerator.wait_for_everyone()
-        accelerator.save_model(state.model, state.output_dir)
-        accelerator.log({k: v for k, v in results.items() if k.startswith("test")}, step=state.step)
-        summary = {
-            "metrics": results,
-            "run": {
-                "distributed_type": accelerator.distributed_type.name,
-                "num_processes": accelerator.num_processes,
-                "mixed_precision": accelerator.mixed_precision,
-                "device": str(accelerator.device),
-                "gradient_accumulation_steps": self.config.gradient_accumulation_steps,
-                "num_machines": num_machines(),
-                **deepspeed_summary(accelerator),
-                **self.batch,
-                "steps": state.step,
-                "epochs": round(self._epochs_done(), 4),
-                "samples_seen": state.samples_seen,
-                "seconds": round(seconds, 2),
-                "samples_per_second": round(state.samples_seen / seconds, 1) if seconds > 0 else None,
-                "techniques": [t.name or type(t).__name__ for t in self.techniques],
-            },
-            "model": getattr(self, "model_summary", None),
-            **state.summary,
-        }
-        if accelerator.is_main_process:
-            (state.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        accelerator.end_training()  # closes the trackers (W&B prints its run summary here)
-        if accelerator.is_main_process:
-            print(f"\ntrained {state.step} steps ({summary['run']['epochs']:g} epochs, {state.samples_seen:,} samples) "
-                  f"in {seconds:.1f} s: {summary['run']['samples_per_second']} samples/s")
-            print("\n".join(f"{k:>18s} = {v:.4f}" for k, v in results.items()))
-            if "overfit_batches" in state.summary:
-                print(overfit_verdict(self.config.overfit_batches, **state.summary["overfit_batches"]))
-            print(f"wrote {state.output_dir}/:\n  " + "\n  ".join(sorted(p.name for p in state.output_dir.iterdir() if p.name != LOCK)))
-        return summary

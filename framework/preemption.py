@@ -82,6 +82,16 @@ def mark_trackers_preempting(trackers: Iterable[Any]) -> None:
             mark()
 
 
+def stop_preempted(accelerator: Any, step: int) -> dict[str, Any]:
+    """After a preemption signal, with the checkpoint written: tell the trackers the run will resume, close them and
+    say how to continue. Returns the run's result."""
+    mark_trackers_preempting(accelerator.trackers)
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        print(f"preempted: stopped after step {step} with a checkpoint; continue with --resume_from latest")
+    return {"preempted": True, "run": {"steps": step}}
+
+
 def started_by_launcher() -> bool:
     """Whether `accelerate launch` (any backend) or torchrun started this process."""
     return "TORCHELASTIC_RUN_ID" in os.environ or "ACCELERATE_MIXED_PRECISION" in os.environ

@@ -18,6 +18,8 @@ from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 from PIL import Image
 
+from framework.state import TrainState
+
 
 class JSONLTracker(GeneralTracker):
     """One JSON object per `accelerator.log` call in `output_dir/metrics.jsonl` (appended to when a run resumes)."""
@@ -235,3 +237,103 @@ def describe_start(model: dict[str, Any], batch: dict[str, Any], steps_per_epoch
             f"global batch {global_batch} = {batch['per_process_batch_size'] or '?'} per process × "
             f"{batch['num_processes']} process(es) × {batch['gradient_accumulation_steps']} accumulation step(s); "
             f"{steps_per_epoch} steps per epoch, {max_steps} steps in all; {backend}")
+
+
+def start_tracking(accelerator: Accelerator, config: Any, flat_config: dict[str, Any], files: dict[str, str],
+                   pictures: dict[str, Any], step: int, resumed: bool) -> None:
+    """Write the run's `files` (name -> text: config.yaml, the inference files) to output_dir, start the trackers
+    with the resolved config (`flat_config`), then draw each picture to output_dir/NAME.png and log it."""
+    output_dir = Path(config.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (output_dir / name).write_text(text)
+    init_kwargs = tracker_init_kwargs(config.output_dir, config.run_name, config.group, config.tags,
+                                      resume_step=step if resumed else None, rewind=config.wandb_rewind) \
+        if accelerator.is_main_process and config.tracker == "wandb" else {}  # only the main process runs W&B
+    accelerator.init_trackers(config.project, config=flat_config, init_kwargs=init_kwargs)
+    if accelerator.is_main_process:
+        for name, draw in pictures.items():
+            path = output_dir / f"{name}.png"
+            draw(path)
+            log_picture(accelerator, name, path, step=step)
+
+
+def announce_start(accelerator: Accelerator, model: torch.nn.Module, backend: Any, batch: dict[str, Any],
+                   steps_per_epoch: int, max_steps: int, tracker: str, output_dir: Path) -> dict[str, Any] | None:
+    """On the main process, print what is trained, with what batch, for how long and where (`backend`: a
+    `framework.backend.Backend`); returns the model's summary (None on the other processes)."""
+    if not accelerator.is_main_process:
+        return None
+    summary = model_summary(model)
+    stage = f" ZeRO-{backend.deepspeed_stage}" if backend.deepspeed_stage is not None else ""
+    kind = "one process" if backend.distributed_type == "NO" else backend.distributed_type
+    precision = "fp32" if backend.mixed_precision == "no" else backend.mixed_precision
+    where = f"{kind}{stage}, {backend.device_type}, {precision}"
+    print(describe_start(summary, batch, steps_per_epoch, max_steps, where))
+    if tracker == "tensorboard":
+        print(f"TensorBoard: tensorboard --logdir {output_dir}")
+    return summary
+
+
+def log_train_step(accelerator: Accelerator, state: TrainState, window: LogWindow, progress: Any, epochs: float,
+                   overfit_batches: int) -> None:
+    """A step's log line: the window's means, the LR (each group's when they differ), the counters and memory, to the
+    trackers and the progress bar (or one plain line when the console is a file). With --overfit_batches, the
+    verdict's losses are kept current in `state.summary`: the last log line decides it."""
+    values = window.flush(accelerator, state.logs)
+    values["lr"] = state.optimizer.param_groups[0]["lr"]
+    if len({g["lr"] for g in state.optimizer.param_groups}) > 1:  # e.g. layerwise_lr (not no-decay groups)
+        values.update({f"lr/group_{i}": g["lr"] for i, g in enumerate(state.optimizer.param_groups)})
+    values.update(epoch=epochs, samples_seen=state.samples_seen, **memory_use(accelerator.device))
+    if state.tokens_seen:
+        values["tokens_seen"] = state.tokens_seen
+    accelerator.log(values, step=state.step)
+    if overfit_batches:
+        loss = values["train/loss"]
+        report = state.summary.setdefault("overfit_batches", {"first_loss": loss})
+        report.update(last_loss=loss, near_zero=loss < OVERFIT_NEAR_ZERO)
+    progress.set_postfix(loss=f"{values['train/loss']:.4f}", samples_s=f"{values['samples_per_second']:.0f}",
+                         lr=f"{values['lr']:.2e}", refresh=False)
+    if progress.disable and accelerator.is_main_process:  # a log file: one plain line per log step
+        print(f"step {state.step}/{state.max_steps} epoch {values['epoch']:.2f}: loss {values['train/loss']:.4f}, "
+              f"lr {values['lr']:.2e}, {values['samples_per_second']:.0f} samples/s", flush=True)
+
+
+def finish_run(accelerator: Accelerator, state: TrainState, results: dict[str, Any], setup: dict[str, Any],
+               epochs: float, seconds: float, techniques: list[str], model: dict[str, Any] | None,
+               overfit_batches: int, hidden: str) -> dict[str, Any]:
+    """Write summary.json (the metrics; how the run ran: the accelerator's backend, `setup` (accumulation, machines,
+    DeepSpeed, batch layout) and the counters; the model; what the techniques added to `state.summary`), close the
+    trackers and print the closing lines: speed, metrics, the overfit verdict, the files in output_dir (but
+    `hidden`). Returns the summary."""
+    summary = {
+        "metrics": results,
+        "run": {
+            "distributed_type": accelerator.distributed_type.name,
+            "num_processes": accelerator.num_processes,
+            "mixed_precision": accelerator.mixed_precision,
+            "device": str(accelerator.device),
+            **setup,
+            "steps": state.step,
+            "epochs": round(epochs, 4),
+            "samples_seen": state.samples_seen,
+            "seconds": round(seconds, 2),
+            "samples_per_second": round(state.samples_seen / seconds, 1) if seconds > 0 else None,
+            "techniques": techniques,
+        },
+        "model": model,
+        **state.summary,
+    }
+    if accelerator.is_main_process:
+        (state.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    accelerator.end_training()  # closes the trackers (W&B prints its run summary here)
+    if accelerator.is_main_process:
+        print(f"\ntrained {state.step} steps ({summary['run']['epochs']:g} epochs, {state.samples_seen:,} samples) "
+              f"in {seconds:.1f} s: {summary['run']['samples_per_second']} samples/s")
+        print("\n".join(f"{k:>18s} = {v:.4f}" for k, v in results.items()))
+        if "overfit_batches" in state.summary:
+            print(overfit_verdict(overfit_batches, **state.summary["overfit_batches"]))
+        files = sorted(p.name for p in state.output_dir.iterdir() if p.name != hidden)
+        print(f"wrote {state.output_dir}/:\n  " + "\n  ".join(files))
+    return summary

@@ -24,3 +24,10 @@ def fresh_accelerate_state():
     torch.manual_seed(0)
     yield
     reset_accelerate()
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """FRAMEWORK_CACHE in the test's own folder (image checks are cached by data fingerprint): no test sees another's
+    cache. Opt-in: `pytestmark = pytest.mark.usefixtures("private_cache")`."""
+    monkeypatch.setenv("FRAMEWORK_CACHE", str(tmp_path / "cache"))

@@ -1,4 +1,5 @@
-"""Shared test helpers: launching real processes, resetting accelerate's singletons, tiny data."""
+"""Shared test helpers (benchmarks/common.py uses the launch ones too): launching real processes, resetting
+accelerate's singletons, tiny data, a tiny Trainer and TrainState, a plain model's accuracy."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from framework.technique import Technique
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,16 +36,28 @@ def launch_environment(env: dict[str, str] | None = None) -> dict[str, str]:
     return environment
 
 
+def launch_command(script: str | Path, *args: str, launch_config: str | Path = "cpu.yaml",
+                   launcher_args: tuple[str, ...] = (), one_thread: bool = True) -> list[str]:
+    """`accelerate launch --config_file launch_configs/<launch_config> [--num_cpu_threads_per_process 1]
+    [launcher_args] script args...` as a command line (`one_thread=False`: as a user types it, without the flag)."""
+    threads = ["--num_cpu_threads_per_process", "1"] if one_thread else []
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(ROOT / "launch_configs" / launch_config), *threads, *launcher_args, str(script), *args]
+
+
 def launch(script: str | Path, *args: str, launch_config: str | Path = "cpu.yaml", timeout: int = 600,
-           env: dict[str, str] | None = None, launcher_args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """Run `accelerate launch --config_file launch_configs/<launch_config> [launcher_args] script args...` for real."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "launch_configs" / launch_config), "--num_cpu_threads_per_process", "1", *launcher_args,
-               str(script), *args]
+           env: dict[str, str] | None = None, launcher_args: tuple[str, ...] = (),
+           check: bool = False) -> subprocess.CompletedProcess:
+    """Run `accelerate launch --config_file launch_configs/<launch_config> [launcher_args] script args...` for real.
+    A failed launch prints the ends of its output; with `check=True` it raises RuntimeError holding them instead."""
+    command = launch_command(script, *args, launch_config=launch_config, launcher_args=launcher_args)
     # A session of its own: a test can kill the whole launch (launcher and ranks) as a crash would, and only it.
     result = subprocess.run(command, cwd=ROOT, env=launch_environment(env), capture_output=True, text=True,
                             timeout=timeout, start_new_session=True)
     if result.returncode != 0:
+        if check:
+            raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                               f"{result.stderr[-6000:]}")
         print(result.stdout[-5000:], result.stderr[-10000:], sep="\n")
     return result
 
@@ -71,3 +86,75 @@ def assert_same_weights(first_dir: Path, second_dir: Path,
         assert first.keys() == second.keys()
         for key in first:
             assert torch.equal(first[key], second[key]), f"{name}: {key} differs from the uninterrupted run"
+
+
+# --- in-process training --------------------------------------------------------------------------------------------
+def make_trainer(tmp_path, techniques=(), batch_size=2, n=8, accumulation=1, epochs=2, shuffle=False, lr=0.1,
+                 accelerator=None, **config):
+    """A Trainer for a Linear(4, 3) classifier on `n` tiny samples (SGD with momentum, no tracker, logs every step)."""
+    from torch.utils.data import DataLoader
+
+    from framework.config import TrainerConfig
+    from framework.loop import Trainer
+    from framework.task import ClassificationTask
+
+    torch.manual_seed(0)
+    data = tiny_classification_data(n)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    config = TrainerConfig(output_dir=str(tmp_path), epochs=epochs, tracker="none", log_every=1,
+                           gradient_accumulation_steps=accumulation, **config)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=shuffle)
+    return Trainer(config, model, optimizer, ClassificationTask(num_classes=3), loader,
+                   DataLoader(data[:4], batch_size=2), DataLoader(data[4:], batch_size=2), techniques=list(techniques),
+                   accelerator=accelerator)
+
+
+def tiny_state(tmp_path, model=None, lr=0.1):
+    """A TrainState around `model` (default: Linear(3, 4) → BatchNorm1d → Linear(4, 2)) and SGD, prepared on CPU."""
+    from accelerate import Accelerator
+
+    from framework.state import TrainState
+
+    model = model or torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return TrainState(accelerator, model, optimizer, tmp_path, steps_per_epoch=10, max_steps=100)
+
+
+def plain_accuracy(weights_file) -> float:
+    """Test accuracy of a plain single-process ResNet loaded (strictly) from an exported safetensors file."""
+    from safetensors.torch import load_file
+
+    from framework.data import ImageDataConfig, image_data
+    from framework.models.resnet import ResNet, ResNetConfig
+
+    model = ResNet(ResNetConfig())
+    model.load_state_dict(load_file(weights_file))
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for batch in image_data(ImageDataConfig(num_workers=0)).loaders["test"]:
+            correct += (model(batch["pixel_values"]).argmax(-1) == batch["label"]).sum().item()
+            total += len(batch["label"])
+    return correct / total
+
+
+def scaled_accelerator(init_scale: float):
+    """A CPU Accelerator with a real fp16 GradScaler starting at `init_scale`."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)  # prepare() hands it to the optimizer
+    return accelerator
+
+
+class LossTimes(Technique):
+    """Multiplies the loss, so that the scaled gradients overflow float32."""
+
+    def __init__(self, factor: float):
+        self.factor = factor
+
+    def on_loss(self, state, loss, batch, outputs):
+        return loss * self.factor

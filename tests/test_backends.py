@@ -9,9 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from framework.data import ImageDataConfig, image_data
 from framework.models.resnet import ResNet, ResNetConfig
-from helpers import ROOT, launch
+from helpers import ROOT, launch, plain_accuracy
 
 DUMP = ROOT / "tests" / "scripts" / "recipe_then_dump_params.py"
 CONFIG = ("--config", str(ROOT / "recipes" / "configs" / "image_classification.yaml"))
@@ -26,19 +25,6 @@ BACKENDS = {
     "deepspeed_zero3.yaml": (2, "DEEPSPEED", "no"),
     "deepspeed_zero3_offload.yaml": (2, "DEEPSPEED", "no"),
 }
-
-
-def plain_accuracy(weights_file) -> float:
-    """Test accuracy of a plain single-process ResNet loaded (strictly) from an exported safetensors file."""
-    model = ResNet(ResNetConfig())
-    model.load_state_dict(load_file(weights_file))
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for batch in image_data(ImageDataConfig(num_workers=0)).loaders["test"]:
-            correct += (model(batch["pixel_values"]).argmax(-1) == batch["label"]).sum().item()
-            total += len(batch["label"])
-    return correct / total
 
 
 def train(output_dir, launch_config, *extra):

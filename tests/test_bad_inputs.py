@@ -28,6 +28,8 @@ from framework.models.resnet import ResNet, ResNetConfig
 from framework.technique import check_techniques
 from helpers import ROOT, launch_environment, load_recipe
 
+pytestmark = pytest.mark.usefixtures("private_cache")  # tests/conftest.py
+
 RUN_NUMBERS = itertools.count()
 #: A run small enough to reach its first step in about a second.
 TINY = ["--tracker", "none", "--doctor", "false", "--max_steps", "2", "--data.batch_size", "8",
@@ -93,11 +95,6 @@ def files(tmp_path_factory) -> Path:
     save_file(ResNet(ResNetConfig(widths=[8], in_channels=1, num_classes=10)).state_dict(),
               str(other_model / "model.safetensors"))
     return root
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FRAMEWORK_CACHE", str(tmp_path / "cache"))  # image checks are cached by data fingerprint
 
 
 def tiny_resnet() -> ResNet:

@@ -17,7 +17,7 @@ from framework.errors import ConfigError
 from framework.task import ClassificationTask, LanguageModelTask, Task
 from framework.technique import TECHNIQUES, Technique
 from framework.techniques import EMA, SAM, CosineLR, NaNGuard
-from test_loop import make_trainer
+from helpers import make_trainer
 
 FRAMEWORK = Path(__file__).resolve().parents[1] / "framework"
 
@@ -32,9 +32,13 @@ def names_of_other_techniques(path: Path) -> list[str]:
     """Where the code of a technique file names a technique defined in another file: its registered name as a string
     (`t.name == "nan_guard"`) or its class (`isinstance(t, LRSchedule)`, an import of it). Messages that advise the
     user to turn another technique on (`--techniques.gradient_clipping.max_norm 1.0`) are longer strings: allowed."""
-    module = f"framework.techniques.{path.stem}"
-    others = {name: cls for name, cls in TECHNIQUES.items() if cls.__module__ != module}
-    own_classes = {cls.__name__ for cls in TECHNIQUES.values() if cls.__module__ == module}
+    unit = f"framework.techniques.{path.relative_to(FRAMEWORK / 'techniques').parts[0].removesuffix('.py')}"
+
+    def mine(cls: type) -> bool:  # defined in this file, or in a file of this technique's package
+        return cls.__module__ == unit or cls.__module__.startswith(unit + ".")
+
+    others = {name: cls for name, cls in TECHNIQUES.items() if not mine(cls)}
+    own_classes = {cls.__name__ for cls in TECHNIQUES.values() if mine(cls)}
     other_classes = ({cls.__name__ for cls in others.values()} | {"LRSchedule"}) - own_classes - (
         {"LRSchedule"} if own_classes & {"CosineLR"} else set())  # the schedules' base class is their file's own
     tree = ast.parse(path.read_text())
@@ -54,7 +58,7 @@ def names_of_other_techniques(path: Path) -> list[str]:
 
 
 def test_no_technique_file_names_another_technique():
-    files = [p for p in sorted((FRAMEWORK / "techniques").glob("*.py")) if p.name != "__init__.py"]  # the registry
+    files = [p for p in sorted((FRAMEWORK / "techniques").rglob("*.py")) if p.name != "__init__.py"]  # the registry
     assert len(files) > 20
     found = [hit for path in files for hit in names_of_other_techniques(path)]
     assert found == [], "techniques meet through capabilities on Technique / Task, not names:\n" + "\n".join(found)

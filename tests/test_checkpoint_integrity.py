@@ -14,8 +14,7 @@ import torch
 from framework.checkpoint import MARKER, completed_checkpoints, resolve_resume
 from framework.errors import ConfigError
 from framework.technique import Technique
-from helpers import reset_accelerate
-from test_loop import make_trainer
+from helpers import make_trainer, reset_accelerate
 
 
 def finished_run(tmp_path, epochs=3, keep=3, techniques=()):

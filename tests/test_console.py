@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
-import sys
 import warnings
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 
 import framework  # noqa: F401  (importing the framework applies the filters)
 from framework import console
-from helpers import ROOT, launch_environment
+from helpers import ROOT, launch_command, launch_environment
 
 RECIPE = ROOT / "recipes" / "image_classification.py"
 
@@ -37,8 +36,7 @@ def user_launch(launch_config: str, *args: str) -> subprocess.CompletedProcess:
     user types it (tests/helpers.launch adds --num_cpu_threads_per_process, which would hide the launcher's warning)."""
     environment = launch_environment()
     environment.pop("OMP_NUM_THREADS", None)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "launch_configs" / launch_config), str(RECIPE), *args]
+    command = launch_command(RECIPE, *args, launch_config=launch_config, one_thread=False)
     return subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=900,
                           start_new_session=True)
 

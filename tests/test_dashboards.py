@@ -70,7 +70,7 @@ def test_detect_anomaly_is_on_during_training_only(tmp_path):
     import torch
 
     from framework.technique import Technique
-    from test_loop import make_trainer
+    from helpers import make_trainer
 
     seen = []
 

@@ -35,6 +35,8 @@ from framework.task import ClassificationTask
 from framework.technique import Technique
 from framework.techniques import ProgressiveResizing, progressive_size
 
+pytestmark = pytest.mark.usefixtures("private_cache")  # tests/conftest.py
+
 CLASSES = ("cat", "dog", "fox")
 
 
@@ -53,11 +55,6 @@ def write_imagefolder(root, per_class: int = 10, size=(20, 12)) -> None:
 def imagefolder(tmp_path):
     write_imagefolder(tmp_path / "pets")
     return tmp_path / "pets"
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FRAMEWORK_CACHE", str(tmp_path / "cache"))
 
 
 # --- sources -------------------------------------------------------------------------------------------------
@@ -293,15 +290,29 @@ class SlowData(torch.utils.data.Dataset):
         return self.items[index]
 
 
-@pytest.mark.parametrize("delay, low, high", [(0.0, 0.0, 0.5), (0.02, 0.6, 1.0)])
-def test_data_wait_share_is_logged(tmp_path, delay, low, high):
-    """A loader that sleeps 20 ms per sample (80 ms per batch) against a step of well under a millisecond: the
-    loop spends nearly all its time waiting for data, and perf/data_wait says so."""
+class SlowStep(torch.nn.Linear):
+    """A model whose forward sleeps `delay` seconds: a step that takes as long as a real model's would."""
+
+    def __init__(self, delay: float):
+        super().__init__(4, 3)
+        self.delay = delay
+
+    def forward(self, x):
+        time.sleep(self.delay)
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("data_delay, step_delay, low, high", [(0.0, 0.05, 0.0, 0.3), (0.02, 0.0, 0.6, 1.0)])
+def test_data_wait_share_is_logged(tmp_path, data_delay, step_delay, low, high):
+    """Data that sleeps 20 ms per sample (80 ms per batch) against a step of well under a millisecond: the loop spends
+    nearly all its time waiting for data, and perf/data_wait says so; the other way round, a 50 ms step against data
+    built in well under a millisecond, it spends nearly none. Sleeps, not work, set the times, so that a loaded
+    machine (which slows work, not sleeps) cannot change the verdict."""
     torch.manual_seed(0)
-    model = torch.nn.Linear(4, 3)
+    model = SlowStep(step_delay)
     config = TrainerConfig(output_dir=str(tmp_path), epochs=1, tracker="none", log_every=2)
     Trainer(config, model, torch.optim.SGD(model.parameters(), lr=0.1), ClassificationTask(num_classes=3),
-            DataLoader(SlowData(delay), batch_size=4), techniques=[]).fit()
+            DataLoader(SlowData(data_delay), batch_size=4), techniques=[]).fit()
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     shares = [line["perf/data_wait"] for line in lines if "perf/data_wait" in line]
     assert len(shares) == 2 and all(low <= share <= high for share in shares), shares

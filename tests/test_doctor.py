@@ -1,6 +1,6 @@
 """The training doctor: its pure checks against hand-made numbers and tensors, then each finding inside the real loop
 on a deliberately broken tiny setup (printed exactly once, logged to metrics.jsonl, in summary.json), and silence on
-healthy runs, the image recipe's included. (Its measured overhead is in framework/techniques/doctor.py.)
+healthy runs, the image recipe's included. (Its measured overhead is in framework/techniques/doctor/__init__.py.)
 """
 
 from __future__ import annotations
@@ -16,20 +16,18 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from framework.config import TrainerConfig, build_techniques
-from framework.errors import ConfigError, FrameworkError
+from framework.diagnosis import first_nonfinite_layer, out_of_memory_report
+from framework.errors import ConfigError, FrameworkError, NonFiniteLossError
 from framework.loop import Trainer
 from framework.task import ClassificationTask, LanguageModelTask, Task
 from framework.techniques.doctor import (
     Doctor,
-    NonFiniteLossError,
     exploding_gradient_finding,
     expected_initial_loss,
-    first_nonfinite_layer,
     frozen_modules,
     initial_loss_finding,
     layer_gradient_norms,
     missing_gradient_finding,
-    out_of_memory_report,
     overfitting_finding,
     plateau_finding,
     vanishing_layers,
@@ -150,7 +148,8 @@ def test_replay_names_overflow_from_huge_finite_weights_and_nonfinite_weights_an
     """The verdict is what the weights are, not which layer happens to overflow first: finite but huge weights
     (≈1e34, as a far too high learning rate leaves them) are an overflow, named with the magnitudes; NaN weights in
     any layer are reported as such even when an earlier layer with finite weights already overflowed."""
-    from framework.techniques.doctor import NonFiniteLayer, nonfinite_loss_finding, nonfinite_parameters
+    from framework.diagnosis import NonFiniteLayer, nonfinite_parameters
+    from framework.techniques.doctor import nonfinite_loss_finding
 
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
     with torch.no_grad():
@@ -495,8 +494,7 @@ def test_healthy_tiny_run_is_silent(tmp_path, capsys):
 
 def test_fp16_overflows_the_scaler_skips_are_not_findings(tmp_path):
     """Under fp16 a GradScaler's overflowing steps (inf gradients, step skipped, scale lowered) are normal."""
-    from test_fp16_scaling import LossTimes, scaled_accelerator
-    from test_loop import make_trainer
+    from helpers import LossTimes, make_trainer, scaled_accelerator
 
     doctor = Doctor(check_every=1)
     trainer = make_trainer(tmp_path, [doctor, LossTimes(1000.0)], batch_size=2, n=8, epochs=2,
@@ -507,7 +505,7 @@ def test_fp16_overflows_the_scaler_skips_are_not_findings(tmp_path):
 
 
 def test_sam_second_pass_is_not_counted_twice(tmp_path):
-    from test_loop import make_trainer
+    from helpers import make_trainer
 
     from framework.techniques import SAM
 

@@ -6,18 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from accelerate import Accelerator
 
-from framework.technique import Technique
 from framework.techniques import SAM, GradientCentralization, GradientClipping
-from helpers import reset_accelerate
-from test_loop import make_trainer
-
-
-def scaled_accelerator(init_scale: float) -> Accelerator:
-    accelerator = Accelerator(cpu=True)
-    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)  # prepare() hands it to the optimizer
-    return accelerator
+from helpers import LossTimes, make_trainer, reset_accelerate, scaled_accelerator
 
 
 @pytest.mark.parametrize("techniques", [
@@ -35,16 +26,6 @@ def test_loss_scaling_changes_nothing_when_nothing_overflows(tmp_path, technique
     assert scaled.accelerator.scaler.get_scale() == 2.0**12  # no step overflowed or was skipped
     for a, b in zip(plain.state.model.parameters(), scaled.state.model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # a power-of-two scale unscales exactly
-
-
-class LossTimes(Technique):
-    """Multiplies the loss, so that the scaled gradients overflow float32."""
-
-    def __init__(self, factor: float):
-        self.factor = factor
-
-    def on_loss(self, state, loss, batch, outputs):
-        return loss * self.factor
 
 
 @pytest.mark.parametrize("techniques", [lambda: [GradientClipping(max_norm=0.05)], lambda: [SAM(rho=0.2)]],

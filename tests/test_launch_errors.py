@@ -158,3 +158,10 @@ def test_readme_shows_the_generated_compatibility_table():
     start, end = "<!-- compatibility-table:start -->\n", "<!-- compatibility-table:end -->"
     shown = readme[readme.index(start) + len(start):readme.index(end)]
     assert shown == compatibility_table(), "README table is stale: paste `python -m framework.compat` into it"
+
+
+def test_a_refusal_reaches_the_console_when_another_rank_refuses_first():
+    """Rank 1 refuses at once, rank 0 two seconds later: torchrun stops the other ranks as soon as one fails, so
+    rank 0 (the one that prints) was killed before it could say why."""
+    result = launch(ROOT / "tests" / "scripts" / "refuse_late_on_rank0.py", launch_config="multi_cpu.yaml")
+    assert "error: data.batch_size 0 must be positive: set it to 1 or more." in refused(result)

@@ -17,7 +17,7 @@ from framework.loop import Trainer
 from framework.task import ClassificationTask
 from framework.technique import HOOKS, Technique, hook_table
 from framework.techniques import EMA, CosineLR
-from helpers import reset_accelerate, tiny_classification_data
+from helpers import make_trainer, reset_accelerate, tiny_classification_data
 
 
 class Recorder(Technique):
@@ -54,20 +54,6 @@ class Recorder(Technique):
     # every hook counts as overridden
     def overrides(self, hook):
         return True
-
-
-def make_trainer(tmp_path, techniques=(), batch_size=2, n=8, accumulation=1, epochs=2, shuffle=False, lr=0.1,
-                 accelerator=None, **config):
-    torch.manual_seed(0)
-    data = tiny_classification_data(n)
-    model = torch.nn.Linear(4, 3)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    config = TrainerConfig(output_dir=str(tmp_path), epochs=epochs, tracker="none", log_every=1,
-                           gradient_accumulation_steps=accumulation, **config)
-    loader = DataLoader(data, batch_size=batch_size, shuffle=shuffle)
-    return Trainer(config, model, optimizer, ClassificationTask(num_classes=3), loader,
-                   DataLoader(data[:4], batch_size=2), DataLoader(data[4:], batch_size=2), techniques=list(techniques),
-                   accelerator=accelerator)
 
 
 def expected_calls(batches: int, accumulation: int, epochs: int) -> list[str]:

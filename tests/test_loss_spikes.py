@@ -8,7 +8,7 @@ import torch
 
 from framework.technique import Technique
 from framework.techniques.nan_guard import NaNGuard, is_spike
-from test_loop import make_trainer
+from helpers import make_trainer
 
 
 def test_is_spike_against_a_hand_computed_median_and_mad():

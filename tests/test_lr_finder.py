@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from framework.config import TrainerConfig
 from framework.loop import Trainer
 from framework.task import Task
-from framework.techniques.lr_finder import lr_sweep, smooth, suggest_lrs
+from framework.lr_finder import lr_sweep, smooth, suggest_lrs
 from helpers import ROOT, launch
 
 

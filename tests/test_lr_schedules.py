@@ -21,7 +21,7 @@ from framework.techniques import (
     StepLR,
     schedule_lrs,
 )
-from helpers import ROOT, launch
+from helpers import ROOT, launch, make_trainer
 
 STEPS_PER_EPOCH, EPOCHS = 10, 6
 TOTAL = STEPS_PER_EPOCH * EPOCHS
@@ -118,24 +118,18 @@ def test_schedules_are_checked_against_the_planned_run():
 
 
 def test_plateau_refuses_a_run_without_validation(tmp_path):
-    from test_loop import make_trainer
-
     trainer = make_trainer(tmp_path, [PlateauLR()], eval_every=0)
     with pytest.raises(ConfigError, match="no validation data"):
         trainer.fit()
 
 
 def test_plateau_names_a_missing_metric(tmp_path):
-    from test_loop import make_trainer
-
     trainer = make_trainer(tmp_path, [PlateauLR(metric="val/f1")])
     with pytest.raises(ConfigError, match=r"'val/f1' is not among the validation metrics \['val/accuracy', 'val/loss'\]"):
         trainer.fit()
 
 
 def test_per_step_schedule_steps_once_per_optimizer_step_under_accumulation(tmp_path):
-    from test_loop import make_trainer
-
     schedule = StepLR(step_size_steps=1, gamma=0.5)
     trainer = make_trainer(tmp_path, [schedule], batch_size=2, n=16, accumulation=4, epochs=2)  # 8 micro, 2 steps/epoch
     trainer.fit()
@@ -155,8 +149,6 @@ def test_per_step_schedule_steps_once_per_optimizer_step_on_two_ranks(tmp_path):
 
 
 def test_preview_draws_the_configured_run_without_training(tmp_path):
-    from test_loop import make_trainer
-
     trainer = make_trainer(tmp_path, [CosineLR(warmup_steps=2)], batch_size=2, n=8, epochs=3, preview_lr=True)
     before = [p.detach().clone() for p in trainer.state.model.parameters()]
     preview = trainer.fit()
@@ -197,8 +189,6 @@ def test_two_lr_schedules_are_refused_before_training():
 
 
 def test_a_trainer_with_two_schedules_is_refused(tmp_path):
-    from test_loop import make_trainer
-
     with pytest.raises(IncompatibleError, match="keep one"):
         make_trainer(tmp_path, [CosineLR(), StepLR(step_size_steps=2)])
 
@@ -294,7 +284,6 @@ def test_a_fitting_warmup_in_epochs_is_kept_without_a_warning():
 
 def test_a_run_cut_short_trains_and_previews_the_same_shrunk_warmup(tmp_path):
     from framework.technique import Technique
-    from test_loop import make_trainer
 
     class LRs(Technique):  # the LR each optimizer step used
         name = "lrs"

@@ -26,7 +26,7 @@ from framework.techniques import (
     one_hot_targets,
     smooth_targets,
 )
-from test_loop import make_trainer
+from helpers import make_trainer
 
 
 def state_for(task: Task | None, epoch: int = 0, tmp_path=".") -> TrainState:

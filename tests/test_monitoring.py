@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -16,11 +15,10 @@ from framework.backend import Backend
 from framework.config import TrainerConfig, build_techniques
 from framework.errors import ConfigError, IncompatibleError
 from framework.loop import Trainer
-from framework.state import TrainState
 from framework.task import ClassificationTask
 from framework.technique import check_techniques
 from framework.techniques import ActivationStats, GradientFlow, Profiler, activation_stats, gradient_flow
-from helpers import tiny_classification_data
+from helpers import tiny_classification_data, tiny_state
 
 
 def fixed_model() -> nn.Sequential:
@@ -36,13 +34,6 @@ def fixed_model() -> nn.Sequential:
 
 
 INPUTS = torch.tensor([[1.0, 2.0, -1.0], [0.5, -1.0, 2.0], [-1.0, 0.0, 1.0], [2.0, 1.0, 0.0]])
-
-
-def tiny_state(tmp_path, model: nn.Module) -> TrainState:
-    accelerator = Accelerator(cpu=True)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    return TrainState(accelerator, model, optimizer, tmp_path, steps_per_epoch=10, max_steps=100)
 
 
 def all_hooks(model: nn.Module) -> list[str]:

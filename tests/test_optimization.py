@@ -20,10 +20,7 @@ from framework.techniques import (
     centralize_gradients_,
     lookahead_sync_,
 )
-from helpers import ROOT, launch, reset_accelerate
-from test_backends import plain_accuracy
-from test_loop import make_trainer
-from test_techniques import tiny_state
+from helpers import ROOT, launch, make_trainer, plain_accuracy, reset_accelerate, tiny_state
 
 
 def test_centralize_gradients_subtracts_each_output_channels_mean():

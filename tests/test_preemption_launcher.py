@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from framework.checkpoint import completed_checkpoints
 from framework.preemption import INTERRUPT_MESSAGE, PreemptionWatch, ignore_stop_signals_in_worker
-from helpers import ROOT, launch, launch_environment
+from helpers import ROOT, launch, launch_command, launch_environment
 
 DUMP = ROOT / "tests" / "scripts" / "recipe_then_dump_params.py"
 STEPS = 24
@@ -35,9 +35,7 @@ PACE = ("--techniques.pace", "{seconds: 0.3}")  # slow steps: the signal lands m
 
 def start(output_dir, launch_config, *extra):
     """Start a launch in a session of its own (so a test can signal its whole process group), output to files."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "launch_configs" / launch_config), "--num_cpu_threads_per_process", "1", str(DUMP), *ARGS,
-               "--output_dir", str(output_dir), *extra]
+    command = launch_command(DUMP, *ARGS, "--output_dir", str(output_dir), *extra, launch_config=launch_config)
     output_dir.mkdir(parents=True)
     process = subprocess.Popen(command, cwd=ROOT, env=launch_environment(), start_new_session=True,
                                stdout=(output_dir.parent / f"{output_dir.name}.out").open("w"),

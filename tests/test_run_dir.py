@@ -13,8 +13,7 @@ import time
 import pytest
 
 from framework.errors import ConfigError
-from helpers import ROOT, launch_environment, reset_accelerate
-from test_loop import make_trainer
+from helpers import ROOT, launch_environment, make_trainer, reset_accelerate
 
 
 def test_a_second_run_into_a_busy_output_dir_is_refused(tmp_path):

@@ -15,8 +15,7 @@ from framework.backend import Backend
 from framework.errors import ConfigError, IncompatibleError
 from framework.technique import check_techniques
 from framework.techniques import SAM, GradientClipping, sam_perturbation
-from helpers import ROOT, launch, tiny_classification_data
-from test_loop import make_trainer
+from helpers import ROOT, launch, make_trainer, tiny_classification_data
 
 
 def test_perturbation_matches_hand_computation():

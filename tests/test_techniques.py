@@ -6,22 +6,13 @@ import copy
 
 import pytest
 import torch
-from accelerate import Accelerator
 
 from framework.backend import Backend
 from framework.config import build_techniques
 from framework.errors import ConfigError, IncompatibleError
-from framework.state import TrainState
 from framework.technique import Technique, check_techniques
 from framework.techniques import EMA, CosineLR, GradientClipping, ema_update_
-
-
-def tiny_state(tmp_path, model=None, lr=0.1) -> TrainState:
-    model = model or torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
-    accelerator = Accelerator(cpu=True)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    return TrainState(accelerator, model, optimizer, tmp_path, steps_per_epoch=10, max_steps=100)
+from helpers import tiny_state
 
 
 # --- EMA ---------------------------------------------------------------------------------------------------------

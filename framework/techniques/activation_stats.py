@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from framework.errors import ConfigError
+from framework.errors import ConfigError, require, require_int
 from framework.state import TrainState
 from framework.technique import Technique, register
 
@@ -122,10 +122,9 @@ class ActivationStats(Technique):
     """
 
     def __init__(self, every: int = 100, modules: list[str] | None = None, saturation: float | None = 0.99):
-        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-            raise ConfigError(f"activation_stats.every must be an integer ≥ 1, got {every!r}.")
-        if saturation is not None and not 0.0 < saturation <= 1.0:
-            raise ConfigError(f"activation_stats.saturation must be within (0, 1] or null, got {saturation}.")
+        require_int("activation_stats.every", every, 1)
+        require(saturation is None or 0.0 < saturation <= 1.0,
+                f"activation_stats.saturation must be within (0, 1] or null, got {saturation}.")
         self.every = every
         self.modules = list(modules or [])
         self.saturation = saturation

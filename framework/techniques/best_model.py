@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from framework.backend import full_state_dict, main_process_decides, weights_swapped_in
-from framework.errors import ConfigError
+from framework.errors import require
 from framework.state import TrainState
 from framework.technique import Technique, register
 from framework.techniques.early_stopping import improved
@@ -39,8 +39,7 @@ class BestModel(Technique):
 
     def __init__(self, metric: str = "val/accuracy", mode: Literal["min", "max"] = "max", top_k: int = 1,
                  evaluate_best: bool = True):
-        if top_k < 1:
-            raise ConfigError(f"best_model.top_k must be at least 1, got {top_k}.")
+        require(top_k >= 1, f"best_model.top_k must be at least 1, got {top_k}.")
         self.metric, self.mode, self.top_k, self.evaluate_best = metric, mode, top_k, evaluate_best
         self.ranking: list[dict[str, Any]] = []  # best first: {"value", "step", "file"}
 

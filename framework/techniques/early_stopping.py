@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from framework.backend import main_process_decides
-from framework.errors import ConfigError
+from framework.errors import require
 from framework.state import TrainState
 from framework.technique import Technique, register
 
@@ -28,8 +28,7 @@ class EarlyStopping(Technique):
 
     def __init__(self, metric: str = "val/loss", mode: Literal["min", "max"] = "min", patience: int = 3,
                  min_delta: float = 0.0):
-        if patience < 1:
-            raise ConfigError(f"early_stopping.patience must be at least 1, got {patience}.")
+        require(patience >= 1, f"early_stopping.patience must be at least 1, got {patience}.")
         self.metric, self.mode, self.patience, self.min_delta = metric, mode, patience, min_delta
         self.best = math.inf if mode == "min" else -math.inf
         self.evaluations_without_improvement = 0

@@ -20,9 +20,21 @@ import torch
 from safetensors.torch import save_file
 
 from framework.backend import full_state_dict
-from framework.errors import ConfigError
+from framework.errors import require
 from framework.state import TrainState
 from framework.technique import Technique, register
+
+
+def ema_decay(num_updates: int, decay: float, warmup: bool = False, update_every: int = 1) -> float:
+    """The decay of the next update, after `num_updates` updates: decay**update_every, and with `warmup`
+    at most (1 + n) / (10 + n), so early averages do not remember the random initialisation.
+
+    Updating every N optimizer steps with decay**N keeps the averaging horizon of one update per step.
+    """
+    value = decay**update_every
+    if warmup:
+        value = min(value, (1 + num_updates) / (10 + num_updates))
+    return value
 
 
 @torch.no_grad()
@@ -34,6 +46,9 @@ def ema_update_(
     buffers: Sequence[torch.Tensor] = (),
 ) -> None:
     """ema ← decay · ema + (1 − decay) · param for every parameter in one fused pass; buffers are copied.
+
+    The same `torch._foreach_lerp_` that `torch.optim.swa_utils.get_ema_multi_avg_fn` runs, on plain lists of
+    tensors (or this rank's ZeRO-3 shards), so it needs no `AveragedModel` copy of the module.
 
     Buffers (BatchNorm running statistics, counters) are copied rather than averaged: they are statistics of the
     current weights, not weights.
@@ -57,10 +72,8 @@ class EMA(Technique):
     """
 
     def __init__(self, decay: float = 0.999, warmup: bool = False, update_every: int = 1, evaluate_with_ema: bool = True):
-        if not 0.0 < decay < 1.0:
-            raise ConfigError(f"ema.decay must be within (0, 1), got {decay}.")
-        if update_every < 1:
-            raise ConfigError(f"ema.update_every must be at least 1, got {update_every}.")
+        require(0.0 < decay < 1.0, f"ema.decay must be within (0, 1), got {decay}.")
+        require(update_every >= 1, f"ema.update_every must be at least 1, got {update_every}.")
         self.decay = decay
         self.warmup = warmup
         self.update_every = update_every
@@ -68,10 +81,7 @@ class EMA(Technique):
         self.num_updates = 0
 
     def current_decay(self) -> float:
-        decay = self.decay ** self.update_every
-        if self.warmup:
-            decay = min(decay, (1 + self.num_updates) / (10 + self.num_updates))
-        return decay
+        return ema_decay(self.num_updates, self.decay, self.warmup, self.update_every)
 
     # --- the tensors this rank owns: whole parameters, or its ZeRO-3 shards -------------------------------------------
     def _live(self) -> list[torch.Tensor]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from framework.errors import ConfigError
+from framework.errors import ConfigError, require
 from framework.plots import plot_image_grid
 from framework.state import TrainState
 from framework.technique import Technique, register
@@ -68,9 +68,9 @@ class GANSamples(Technique):
     """
 
     def __init__(self, every: int = 500, rows: int = 8, columns: int = 8, judge_samples: int = 500, seed: int = 0):
-        if every < 0 or rows < 1 or columns < 1 or judge_samples < 1:
-            raise ConfigError(f"gan_samples: every must be >= 0 and rows, columns, judge_samples >= 1 "
-                              f"(got {every}, {rows}, {columns}, {judge_samples}).")
+        require(every >= 0 and rows >= 1 and columns >= 1 and judge_samples >= 1,
+                f"gan_samples: every must be >= 0 and rows, columns, judge_samples >= 1 "
+                f"(got {every}, {rows}, {columns}, {judge_samples}).")
         self.every, self.rows, self.columns, self.judge_samples, self.seed = every, rows, columns, judge_samples, seed
 
     def fit_start(self, state: TrainState) -> None:

@@ -15,7 +15,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from framework.backend import Backend, clip_grad_norm
-from framework.errors import ConfigError, IncompatibleError
+from framework.errors import IncompatibleError, require
 from framework.state import TrainState
 from framework.technique import Technique, register
 
@@ -30,8 +30,7 @@ class GradientClipping(Technique):
     """
 
     def __init__(self, max_norm: float = 1.0, norm_type: float = 2.0):
-        if max_norm <= 0:
-            raise ConfigError(f"gradient_clipping.max_norm must be positive, got {max_norm}.")
+        require(max_norm > 0, f"gradient_clipping.max_norm must be positive, got {max_norm}.")
         self.max_norm = max_norm
         self.norm_type = norm_type
 

@@ -25,7 +25,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from framework.backend import Backend
-from framework.errors import ConfigError, IncompatibleError
+from framework.errors import IncompatibleError, require_int
 from framework.plots import plot_gradient_flow
 from framework.state import TrainState
 from framework.technique import Technique, register
@@ -84,8 +84,7 @@ class GradientFlow(Technique):
     """
 
     def __init__(self, every: int = 100, include_biases: bool = False):
-        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-            raise ConfigError(f"gradient_flow.every must be an integer ≥ 1, got {every!r}.")
+        require_int("gradient_flow.every", every, 1)
         self.every = every
         self.include_biases = include_biases
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from framework.backend import Backend
-from framework.errors import ConfigError, IncompatibleError
+from framework.errors import ConfigError, IncompatibleError, require
 from framework.state import TrainState
 from framework.technique import Technique, register
 
@@ -54,8 +54,7 @@ class GradientPenalty(Technique):
     """
 
     def __init__(self, weight: float = 10.0, one_sided: bool = False):
-        if weight < 0:
-            raise ConfigError(f"gradient_penalty.weight must be >= 0, got {weight}.")
+        require(weight >= 0, f"gradient_penalty.weight must be >= 0, got {weight}.")
         self.weight = weight
         self.one_sided = one_sided
 

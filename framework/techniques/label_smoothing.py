@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from framework.errors import ConfigError
+from framework.errors import require
 from framework.state import TrainState
 from framework.technique import Technique, register
 from framework.techniques.mixup import classification_keys, one_hot_targets
@@ -34,8 +34,7 @@ class LabelSmoothing(Technique):
     """
 
     def __init__(self, epsilon: float = 0.1):
-        if not 0.0 <= epsilon < 1.0:
-            raise ConfigError(f"label_smoothing.epsilon must be within [0, 1), got {epsilon}.")
+        require(0.0 <= epsilon < 1.0, f"label_smoothing.epsilon must be within [0, 1), got {epsilon}.")
         self.epsilon = epsilon
 
     def fit_start(self, state: TrainState) -> None:

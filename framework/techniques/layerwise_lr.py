@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from framework.errors import ConfigError
+from framework.errors import ConfigError, require
 from framework.state import TrainState
 from framework.technique import Technique, register
 
@@ -92,8 +92,8 @@ class LayerwiseLR(Technique):
 
     def __init__(self, lr_multipliers: dict[str, float] | None = None, layer_decay: float | None = None,
                  blocks: str | None = None):
-        if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
-            raise ConfigError(f"layerwise_lr.layer_decay must be within (0, 1], got {layer_decay}.")
+        require(layer_decay is None or 0.0 < layer_decay <= 1.0,
+                f"layerwise_lr.layer_decay must be within (0, 1], got {layer_decay}.")
         self.lr_multipliers, self.layer_decay, self.blocks = dict(lr_multipliers or {}), layer_decay, blocks
 
     def before_prepare(self, state: TrainState) -> None:

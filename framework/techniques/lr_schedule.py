@@ -35,7 +35,8 @@ from typing import Any, Literal
 import torch
 from torch.optim import lr_scheduler
 
-from framework.errors import ConfigError
+from framework.errors import ConfigError, require
+from framework.plots import plot_lr_curves
 from framework.state import TrainState
 from framework.technique import Technique, register
 
@@ -134,6 +135,32 @@ def schedule_lrs(schedule: LRSchedule, steps_per_epoch: int, max_steps: int, bas
     return lrs
 
 
+def draw_lr_schedule(techniques: list[Technique], optimizer: torch.optim.Optimizer, steps_per_epoch: int,
+                     max_steps: int, path: Path) -> dict[str, list[float]]:
+    """The LR each schedule technique gives each step of a run (first parameter group of `optimizer`), drawn to
+    `path`. Simulated on copies of the schedules: call it before `fit_start` binds them to the (DeepSpeed) optimizer."""
+    base = optimizer.param_groups[0]["lr"]
+    scale = optimizer.param_groups[0].get("lr_scale", 1.0)  # layerwise_lr: the group's floor scales too
+    curves = {t.name: schedule_lrs(t, steps_per_epoch, max_steps, base, lr_scale=scale)
+              for t in techniques if t.sets_learning_rate}
+    curves = curves or {"constant": [base] * max_steps}
+    plot_lr_curves({f"{', '.join(curves)}: {max_steps} steps": curves}, path, steps_per_epoch)
+    return curves
+
+
+def preview_lr(trainer: Any) -> dict[str, Any]:
+    """`--preview_lr`: draw the LR every schedule technique gives each step of the prepared `trainer`'s run (first
+    parameter group) to output_dir/lr_schedule.png; nothing is trained."""
+    accelerator, state = trainer.accelerator, trainer.state
+    path = state.output_dir / "lr_schedule.png"
+    curves = draw_lr_schedule(trainer.techniques, state.optimizer, state.steps_per_epoch, state.max_steps, path) \
+        if accelerator.is_main_process else {}
+    if accelerator.is_main_process:
+        print(f"wrote {path}")
+    accelerator.end_training()
+    return {"lr_schedule": str(path), "lrs": curves}
+
+
 class LRSchedule(Technique):
     """Base of the schedules: linear warmup, then the torch scheduler that `build` returns.
 
@@ -213,8 +240,7 @@ class StepLR(LRSchedule):
 
     def build(self, optimizer, state, steps):
         size = to_steps(self.step_size_steps, self.step_size_epochs, state.steps_per_epoch, "step_lr.step_size")
-        if size < 1:
-            raise ConfigError(f"step_lr: the step size must be 1 step or more, got {size}.")
+        require(size >= 1, f"step_lr: the step size must be 1 step or more, got {size}.")
         if not self.warmup:
             return lr_scheduler.StepLR(optimizer, size, self.gamma)
         if size < self.warmup:
@@ -264,8 +290,7 @@ class ExponentialLR(LRSchedule):
     def __init__(self, gamma: float = 0.9, per: Literal["epoch", "step"] = "epoch",
                  warmup_steps: int | None = None, warmup_epochs: float | None = None):
         super().__init__(warmup_steps, warmup_epochs)
-        if not 0.0 < gamma <= 1.0:
-            raise ConfigError(f"exponential_lr.gamma must be within (0, 1], got {gamma}.")
+        require(0.0 < gamma <= 1.0, f"exponential_lr.gamma must be within (0, 1], got {gamma}.")
         self.gamma, self.per = gamma, per
 
     def build(self, optimizer, state, steps):
@@ -304,8 +329,7 @@ class CosineRestartsLR(LRSchedule):
         super().__init__(warmup_steps, warmup_epochs)
         if cycle_steps is None and cycle_epochs is None:
             raise ConfigError("cosine_restarts_lr: give cycle_steps or cycle_epochs.")
-        if cycle_mult < 1:
-            raise ConfigError(f"cosine_restarts_lr.cycle_mult must be 1 or more, got {cycle_mult}.")
+        require(cycle_mult >= 1, f"cosine_restarts_lr.cycle_mult must be 1 or more, got {cycle_mult}.")
         self.cycle_steps, self.cycle_epochs, self.cycle_mult, self.eta_min = cycle_steps, cycle_epochs, cycle_mult, eta_min
 
     def build(self, optimizer, state, steps):

@@ -6,7 +6,8 @@ targets by the area actually pasted. λ ~ Beta(α, α) once per batch; the partn
 permutation of the batch. One technique, `mixup`, switches between the two per batch (`cutmix_alpha`,
 `switch_prob`); `cutmix` is the same technique with CutMix-only defaults.
 
-Hook: `on_batch` (training batches only, before forward; evaluation batches are never mixed).
+Hook: `on_batch` (training batches only, before forward; evaluation batches are never mixed). Outside the loop,
+`mix_batch(inputs, targets, num_classes, ..., generator=g)` does the same to plain tensors.
 
 Mixing has no label smoothing of its own: list `label_smoothing` next to it. Smoothing is linear in the targets, so
 mixing then smoothing equals smoothing then mixing, and the targets are smoothed exactly once in either order.
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from framework.backend import Backend
-from framework.errors import ConfigError, IncompatibleError
+from framework.errors import ConfigError, IncompatibleError, require
 from framework.state import TrainState
 from framework.technique import Technique, register
 
@@ -81,6 +82,52 @@ def cutmix_batch(
     return mixed, lam * targets_soft + (1 - lam) * targets_soft[permutation], lam
 
 
+def sample_lambda(alpha: float, generator: torch.Generator | None = None) -> float:
+    """λ ~ Beta(α, α), drawn from `generator` (a CPU generator; torch's global CPU RNG by default).
+
+    The draw is torch's own Beta sampler (`Beta(α, α).sample()` is the first coordinate of a Dirichlet(α, α) draw),
+    called with the generator, so without one it is the same number `torch.distributions.Beta` gives. On the CPU:
+    no device sync, and the global RNG is seeded by `set_seed` and saved in checkpoints.
+    """
+    concentration = torch.tensor([alpha, alpha], dtype=torch.get_default_dtype())
+    return float(torch._sample_dirichlet(concentration, generator=generator)[0])
+
+
+def mix_batch(
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    num_classes: int,
+    alpha: float = 0.2,
+    cutmix_alpha: float = 0.0,
+    switch_prob: float = 0.5,
+    prob: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+    """Mix one batch with a permutation of itself: Mixup, CutMix, or a random switch between them.
+
+    inputs (B, ...) (images (B, C, H, W) for CutMix) and targets (B,) class indices or (B, C) soft targets.
+    Returns (inputs, soft targets (B, num_classes), λ), λ the share of each sample that is still its own
+    (for CutMix corrected to the box's true area). A batch left unmixed (`prob`) comes back as it was, λ None.
+    `alpha` / `cutmix_alpha` 0 turn Mixup / CutMix off; with both on, a batch uses CutMix with `switch_prob`.
+
+    Every random number (the `prob` coin, the permutation, the switch, λ, the box's centre) is drawn from
+    `generator` in that order, or from torch's global RNG when it is None (the permutation then on the inputs'
+    device). The `mixup` technique calls this with no generator.
+    """
+    if prob < 1.0 and float(torch.rand((), generator=generator)) >= prob:
+        return inputs, targets, None
+    soft = one_hot_targets(targets, num_classes)
+    device = inputs.device if generator is None else generator.device
+    permutation = torch.randperm(inputs.shape[0], device=device, generator=generator).to(inputs.device)
+    if cutmix_alpha > 0 and (alpha == 0 or float(torch.rand((), generator=generator)) < switch_prob):
+        lam = sample_lambda(cutmix_alpha, generator)
+        box = cutmix_box(inputs.shape[-2], inputs.shape[-1], lam, generator)
+        return cutmix_batch(inputs, soft, box, permutation)
+    lam = sample_lambda(alpha, generator)
+    mixed, soft = mixup_batch(inputs, soft, lam, permutation)
+    return mixed, soft, lam
+
+
 def classification_keys(state: TrainState, who: str) -> tuple[int, str, str]:
     """(num_classes, input_key, target_key) of the run's task, or a ConfigError that names the fix."""
     task = state.task
@@ -90,9 +137,6 @@ def classification_keys(state: TrainState, who: str) -> tuple[int, str, str]:
     return task.num_classes, task.input_key, task.target_key
 
 
-def _sample_beta(alpha: float) -> float:
-    # Drawn from torch's global CPU RNG: seeded by set_seed and saved in checkpoints, and no device sync.
-    return float(torch.distributions.Beta(alpha, alpha).sample())
 
 
 @register("mixup")
@@ -115,16 +159,14 @@ class Mixup(Technique):
     def __init__(self, alpha: float = 0.2, cutmix_alpha: float = 0.0, switch_prob: float = 0.5, prob: float = 1.0,
                  stop_epoch: int | None = None):
         for key, value in (("alpha", alpha), ("cutmix_alpha", cutmix_alpha)):
-            if value < 0:
-                raise ConfigError(f"{self.name}.{key} must be >= 0 (0 turns it off), got {value}.")
+            require(value >= 0, f"{self.name}.{key} must be >= 0 (0 turns it off), got {value}.")
         for key, value in (("switch_prob", switch_prob), ("prob", prob)):
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"{self.name}.{key} is a probability and must be within [0, 1], got {value}.")
+            require(0.0 <= value <= 1.0,
+                    f"{self.name}.{key} is a probability and must be within [0, 1], got {value}.")
         if alpha == 0 and cutmix_alpha == 0:
             raise ConfigError(f"{self.name}.alpha and {self.name}.cutmix_alpha are both 0, so nothing would be "
                               "mixed. Set alpha > 0 for Mixup and/or cutmix_alpha > 0 for CutMix.")
-        if stop_epoch is not None and stop_epoch < 0:
-            raise ConfigError(f"{self.name}.stop_epoch must be >= 0 or null, got {stop_epoch}.")
+        require(stop_epoch is None or stop_epoch >= 0, f"{self.name}.stop_epoch must be >= 0 or null, got {stop_epoch}.")
         self.alpha = alpha
         self.cutmix_alpha = cutmix_alpha
         self.switch_prob = switch_prob
@@ -140,13 +182,6 @@ class Mixup(Technique):
     def fit_start(self, state: TrainState) -> None:
         classification_keys(state, self.name)
 
-    def _uses_cutmix(self) -> bool:
-        if self.cutmix_alpha == 0:
-            return False
-        if self.alpha == 0:
-            return True
-        return float(torch.rand(())) < self.switch_prob
-
     def on_batch(self, state: TrainState, batch: dict[str, Any]) -> dict[str, Any]:
         if self.stop_epoch is not None and state.epoch >= self.stop_epoch:
             return batch
@@ -155,15 +190,10 @@ class Mixup(Technique):
         if self.cutmix_alpha > 0 and inputs.dim() < 3:
             raise ConfigError(f"{self.name}: CutMix pastes boxes into images (B, C, H, W), but the inputs "
                               f"{input_key!r} have shape {tuple(inputs.shape)}. Set cutmix_alpha to 0.")
-        if self.prob < 1.0 and float(torch.rand(())) >= self.prob:
+        inputs, targets, lam = mix_batch(inputs, batch[target_key], num_classes, self.alpha, self.cutmix_alpha,
+                                         self.switch_prob, self.prob)
+        if lam is None:  # left unmixed (`prob`)
             return batch
-        targets = one_hot_targets(batch[target_key], num_classes)
-        permutation = torch.randperm(inputs.shape[0], device=inputs.device)
-        if self._uses_cutmix():
-            box = cutmix_box(inputs.shape[-2], inputs.shape[-1], _sample_beta(self.cutmix_alpha))
-            inputs, targets, _ = cutmix_batch(inputs, targets, box, permutation)
-        else:
-            inputs, targets = mixup_batch(inputs, targets, _sample_beta(self.alpha), permutation)
         return {**batch, input_key: inputs, target_key: targets}
 
 

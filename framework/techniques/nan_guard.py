@@ -25,7 +25,8 @@ import torch
 
 from framework.backend import Backend
 from framework.checkpoint import newest_healthy_checkpoint
-from framework.errors import ConfigError, IncompatibleError
+from framework.diagnosis import first_nonfinite_layer
+from framework.errors import IncompatibleError, NonFiniteLossError, require
 from framework.state import TrainState
 from framework.technique import Technique, register
 
@@ -67,12 +68,12 @@ class NaNGuard(Technique):
 
     def __init__(self, max_consecutive: int = 3, lr_factor: float = 0.5, max_rollbacks: int = 2,
                  spike_threshold: float | None = None, spike_window: int = 50):
-        if max_consecutive < 1 or max_rollbacks < 0 or not 0 < lr_factor <= 1:
-            raise ConfigError("nan_guard: max_consecutive must be >= 1, max_rollbacks >= 0 and lr_factor in (0, 1] "
-                              f"(got {max_consecutive}, {max_rollbacks}, {lr_factor}).")
-        if (spike_threshold is not None and spike_threshold <= 0) or spike_window < 2:
-            raise ConfigError(f"nan_guard: spike_threshold must be positive (or null) and spike_window at least 2 "
-                              f"(got {spike_threshold}, {spike_window}).")
+        require(max_consecutive >= 1 and max_rollbacks >= 0 and 0 < lr_factor <= 1,
+                "nan_guard: max_consecutive must be >= 1, max_rollbacks >= 0 and lr_factor in (0, 1] "
+                f"(got {max_consecutive}, {max_rollbacks}, {lr_factor}).")
+        require((spike_threshold is None or spike_threshold > 0) and spike_window >= 2,
+                f"nan_guard: spike_threshold must be positive (or null) and spike_window at least 2 "
+                f"(got {spike_threshold}, {spike_window}).")
         self.max_consecutive, self.lr_factor, self.max_rollbacks = max_consecutive, lr_factor, max_rollbacks
         self.spike_threshold, self.spike_window = spike_threshold, spike_window
         self.skipped = self.consecutive = self.rollbacks = self.spikes = 0
@@ -159,8 +160,6 @@ class NaNGuard(Technique):
                   f"(step {state.step}) with every learning rate x{self.lr_factor} (rollback {self.rollbacks}).")
 
     def _stop(self, state: TrainState, why: str) -> None:
-        from framework.techniques.doctor import NonFiniteLossError, first_nonfinite_layer
-
         model, task, batch = state.model, state.task, self._batch
         layer = first_nonfinite_layer(model, lambda: task.forward(model, batch)) if task and batch is not None else None
         where = f" The first non-finite output comes from {layer.name or 'the model'} ({layer.module_type})." \

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from torch.profiler import ProfilerActivity, profile, schedule
 
-from framework.errors import ConfigError
+from framework.errors import require_int
 from framework.state import TrainState
 from framework.technique import Technique, register
 
@@ -44,8 +44,7 @@ class Profiler(Technique):
                  profile_memory: bool = False, row_limit: int = 15):
         for key, value, least in (("wait", wait, 0), ("warmup", warmup, 0), ("active", active, 1),
                                   ("repeat", repeat, 0), ("row_limit", row_limit, 1)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise ConfigError(f"profiler.{key} must be an integer ≥ {least}, got {value!r}.")
+            require_int(f"profiler.{key}", value, least)
         self.wait = wait
         self.warmup = warmup
         self.active = active

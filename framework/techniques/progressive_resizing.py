@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from framework.data.images import size_control
-from framework.errors import ConfigError
+from framework.errors import ConfigError, require
 from framework.state import TrainState
 from framework.technique import Technique, register
 
@@ -38,12 +38,10 @@ class ProgressiveResizing(Technique):
     """
 
     def __init__(self, start_fraction: float = 0.5, ramp_fraction: float = 0.5, multiple: int = 4):
-        if not 0 < start_fraction <= 1:
-            raise ConfigError(f"progressive_resizing.start_fraction must be in (0, 1], got {start_fraction}.")
-        if not 0 <= ramp_fraction <= 1:
-            raise ConfigError(f"progressive_resizing.ramp_fraction must be in [0, 1], got {ramp_fraction}.")
-        if multiple < 1:
-            raise ConfigError(f"progressive_resizing.multiple must be ≥ 1, got {multiple}.")
+        require(0 < start_fraction <= 1,
+                f"progressive_resizing.start_fraction must be in (0, 1], got {start_fraction}.")
+        require(0 <= ramp_fraction <= 1, f"progressive_resizing.ramp_fraction must be in [0, 1], got {ramp_fraction}.")
+        require(multiple >= 1, f"progressive_resizing.multiple must be ≥ 1, got {multiple}.")
         self.start_fraction, self.ramp_fraction, self.multiple = start_fraction, ramp_fraction, multiple
         self.control = None
 

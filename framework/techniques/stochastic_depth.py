@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from framework.errors import ConfigError
+from framework.errors import ConfigError, require
 from framework.nn.drop_path import DropPath
 from framework.state import TrainState
 from framework.technique import Technique, register
@@ -40,10 +40,9 @@ class StochasticDepth(Technique):
     """
 
     def __init__(self, rate: float = 0.1, schedule: Literal["constant", "linear"] = "constant"):
-        if not 0.0 <= rate < 1.0:
-            raise ConfigError(f"stochastic_depth.rate must be within [0, 1), got {rate}.")
-        if schedule not in ("constant", "linear"):
-            raise ConfigError(f"stochastic_depth.schedule must be 'constant' or 'linear', got {schedule!r}.")
+        require(0.0 <= rate < 1.0, f"stochastic_depth.rate must be within [0, 1), got {rate}.")
+        require(schedule in ("constant", "linear"),
+                f"stochastic_depth.schedule must be 'constant' or 'linear', got {schedule!r}.")
         self.rate = rate
         self.schedule = schedule
         self._layers: list[DropPath] = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from framework.data.text import decode, encode
-from framework.errors import ConfigError
+from framework.errors import ConfigError, require
 from framework.state import TrainState
 from framework.technique import Technique, register
 
@@ -40,8 +40,8 @@ class TextSample(Technique):
     """
 
     def __init__(self, prompt: str = "def ", length: int = 300, temperature: float = 0.8, top_k: int | None = 40):
-        if length < 1 or temperature <= 0:
-            raise ConfigError(f"text_sample: length must be ≥ 1 and temperature > 0 (got {length}, {temperature}).")
+        require(length >= 1 and temperature > 0,
+                f"text_sample: length must be ≥ 1 and temperature > 0 (got {length}, {temperature}).")
         self.prompt, self.length, self.temperature, self.top_k = prompt, length, temperature, top_k
 
     def fit_end(self, state: TrainState) -> None:

@@ -7,8 +7,7 @@ import json
 import pytest
 import torch
 
-from helpers import ROOT, launch
-from test_backends import plain_accuracy
+from helpers import ROOT, launch, plain_accuracy
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

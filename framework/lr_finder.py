@@ -4,7 +4,8 @@ while the LR grows exponentially, watch the smoothed loss, and suggest an LR.
 Two suggestions are shown: where the smoothed loss falls fastest (steepest descent against log LR), and a tenth of
 the LR at the smoothed loss's minimum. The sweep stops when the smoothed loss exceeds `diverge` times its best.
 Model and optimizer are restored afterwards. Under DDP the loss is averaged over ranks at every step, so every rank
-computes the same suggestion. Run it from a recipe with `--find_lr true`.
+computes the same suggestion. Run it from a recipe with `--find_lr true`: a run mode of the Trainer with a loop of
+its own (like `--preview_lr` and `--evaluate_only`), not a technique.
 """
 
 from __future__ import annotations
