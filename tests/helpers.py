@@ -6,9 +6,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from framework.technique import Technique
 
@@ -158,3 +161,31 @@ class LossTimes(Technique):
 
     def on_loss(self, state, loss, batch, outputs):
         return loss * self.factor
+
+
+class PeakTensorBytes(TorchDispatchMode):
+    """Every tensor storage that an ATen op allocates under this mode, forward and backward, and the high-water mark
+    of those still alive. Deterministic (allocations, not the process's RSS, which the allocator's page reuse and
+    other processes' load made flaky), and what a GPU's `max_memory_allocated` would count."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.counted: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key, nbytes = storage.data_ptr(), storage.nbytes()
+                if nbytes and key not in self.counted:  # a view of a counted storage allocates nothing
+                    self.counted.add(key)
+                    self.live += nbytes
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, key, nbytes)
+        return out
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self.counted.discard(key)
+        self.live -= nbytes

@@ -4,12 +4,8 @@ for every mask kind, odd lengths and chunk sizes, fp32 and bf16; fully masked ro
 
 from __future__ import annotations
 
-import weakref
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from framework.errors import ConfigError
 from framework.nn.attention import (
@@ -19,6 +15,7 @@ from framework.nn.attention import (
     chunked_attention,
     naive_attention,
 )
+from helpers import PeakTensorBytes
 
 MASKS = ("none", "causal", "padding", "causal+padding", "bool", "additive")
 SHAPES = ((13, 13), (10, 17), (17, 10))  # (Tq, Tk): square, more keys, more queries; none a multiple of 7
@@ -284,34 +281,6 @@ def test_recompute_keeps_only_output_and_row_statistics_for_backward():
     scores = T * T * 4
     assert saved_bytes(recompute=True) < 6 * T * D * 4  # q, k, v, output, log-sum-exp
     assert saved_bytes(recompute=False) > scores  # every block's probabilities, at least
-
-
-class PeakTensorBytes(TorchDispatchMode):
-    """Every tensor storage that an ATen op allocates under this mode, forward and backward, and the high-water mark
-    of those still alive. Deterministic (allocations, not the process's RSS, which the allocator's page reuse and
-    other processes' load made flaky), and what a GPU's `max_memory_allocated` would count."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self.counted: set[int] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key, nbytes = storage.data_ptr(), storage.nbytes()
-                if nbytes and key not in self.counted:  # a view of a counted storage allocates nothing
-                    self.counted.add(key)
-                    self.live += nbytes
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(storage, self._free, key, nbytes)
-        return out
-
-    def _free(self, key: int, nbytes: int) -> None:
-        self.counted.discard(key)
-        self.live -= nbytes
 
 
 def training_peak_mib(fn, T: int) -> float:
