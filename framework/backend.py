@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -259,6 +259,19 @@ def main_process_decides(accelerator: Accelerator, decision: bool) -> bool:
     """Rank 0's `decision`, on every rank: a stop or save that must happen everywhere or nowhere."""
     flag = torch.tensor([float(decision)], device=accelerator.device)
     return bool(broadcast(flag, from_process=0).item())
+
+
+def on_main_process(accelerator: Accelerator, work: Callable[[], Any], failed_elsewhere: str) -> None:
+    """`work()` on the main process while the others wait; an exception it raises is raised on every rank (the
+    others raise `ConfigError(failed_elsewhere)`), so all ranks stop together instead of waiting on each other."""
+    error = None
+    if accelerator.is_main_process:
+        try:
+            work()
+        except Exception as caught:  # noqa: BLE001 - raised below, once the other ranks know
+            error = caught
+    if main_process_decides(accelerator, error is not None):
+        raise error or ConfigError(failed_elsewhere)
 
 
 def check_launch(accelerator: Accelerator) -> None:

@@ -23,7 +23,7 @@ import pickle
 import re
 import shutil
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from framework.backend import Backend
+from framework.backend import Backend, on_main_process
 from framework.errors import ConfigError
 
 MARKER = "COMPLETE"
@@ -457,11 +457,17 @@ def _deepspeed_tag(path: Path) -> str:
     return (path / "latest").read_text().strip()
 
 
+def _bare_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's (and DeepSpeed's) wrappers."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
 def check_universal_optimizer(optimizer: torch.optim.Optimizer) -> None:
     """Refuse an optimizer whose state DeepSpeed's universal checkpoint does not carry: it holds each parameter's
     fp32 weights, exp_avg, exp_avg_sq and step only, so Adam or AdamW (without amsgrad)."""
-    while hasattr(optimizer, "optimizer"):  # accelerate's and DeepSpeed's wrappers
-        optimizer = optimizer.optimizer
+    optimizer = _bare_optimizer(optimizer)
     if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW) or any(
             group.get("amsgrad") for group in optimizer.param_groups):
         raise ConfigError(
@@ -527,6 +533,7 @@ def adam_state_from_universal(zero: Path, names: Sequence[Sequence[str]], shapes
 
 
 WITHOUT_DEEPSPEED = "without_deepspeed"
+CONVERSION_FAILED = "converting the checkpoint failed on the main process (see its error above)"
 
 
 def checkpoint_without_deepspeed(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Path:
@@ -540,8 +547,7 @@ def checkpoint_without_deepspeed(path: Path, model: torch.nn.Module, optimizer: 
 
     check_universal_optimizer(optimizer)
     zero = universal_checkpoint(path)
-    while hasattr(optimizer, "optimizer"):  # accelerate's wrapper
-        optimizer = optimizer.optimizer
+    optimizer = _bare_optimizer(optimizer)
     model = getattr(model, "module", model)  # DDP's wrapper: the names DeepSpeed saved under
     name_of = {id(p): _unwrapped(name) for name, p in model.named_parameters()}
     names = [[name_of[id(p)] for p in group["params"]] for group in optimizer.param_groups]
@@ -562,20 +568,6 @@ def checkpoint_without_deepspeed(path: Path, model: torch.nn.Module, optimizer: 
     return final
 
 
-def _on_main_process(accelerator: Accelerator, work: Callable[[], Any]) -> None:
-    """`work()` on the main process while the others wait; its error raised on every rank."""
-    from framework.backend import main_process_decides
-
-    error = None
-    if accelerator.is_main_process:
-        try:
-            work()
-        except Exception as caught:  # noqa: BLE001 - raised below, once the other ranks know
-            error = caught
-    if main_process_decides(accelerator, error is not None):
-        raise error or ConfigError("converting the checkpoint failed on the main process (see its error above)")
-
-
 def load_checkpoint(accelerator: Accelerator, path: Path, model: torch.nn.Module, registered: Sequence[Any],
                     optimizer: torch.optim.Optimizer | None = None) -> None:
     """`accelerator.load_state(path)` after `check_checkpoint_matches`, with every torch.load weights-only, on every
@@ -589,11 +581,11 @@ def load_checkpoint(accelerator: Accelerator, path: Path, model: torch.nn.Module
     deepspeed_now = accelerator.distributed_type == DistributedType.DEEPSPEED
     universal = False
     if written.get("deepspeed_stage") is not None and not deepspeed_now:
-        _on_main_process(accelerator, lambda: checkpoint_without_deepspeed(path, model, optimizer))
+        on_main_process(accelerator, lambda: checkpoint_without_deepspeed(path, model, optimizer), CONVERSION_FAILED)
         path = path / WITHOUT_DEEPSPEED
     elif deepspeed_now and written.get("num_processes", accelerator.num_processes) != accelerator.num_processes:
         check_universal_optimizer(optimizer)
-        _on_main_process(accelerator, lambda: universal_checkpoint(path))
+        on_main_process(accelerator, lambda: universal_checkpoint(path), CONVERSION_FAILED)
         universal = True
     check_checkpoint_matches(path, model, registered)
     with safe_checkpoint_loads(deepspeed_now):

@@ -18,7 +18,8 @@ class LaunchError(FrameworkError, RuntimeError):
 
 
 class NonFiniteLossError(FrameworkError, RuntimeError):
-    """The loss became NaN/inf during training (the doctor, NaNGuard); the message names the first non-finite layer and the fixes."""
+    """The loss became NaN/inf during training (the doctor, NaNGuard); the message names the first non-finite layer
+    and the fixes."""
 
 
 def require(condition: bool, message: str) -> None:
@@ -29,6 +30,7 @@ def require(condition: bool, message: str) -> None:
 
 
 def require_int(name: str, value: object, least: int) -> None:
-    """`name` must be an integer (not a bool) ≥ `least`, else ConfigError "NAME must be an integer ≥ LEAST, got X."."""
+    """`name` must be an integer (not a bool) ≥ `least`, else ConfigError("NAME must be an integer ≥ LEAST,
+    got X.")."""
     require(isinstance(value, int) and not isinstance(value, bool) and value >= least,
             f"{name} must be an integer ≥ {least}, got {value!r}.")

@@ -11,7 +11,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 
-from framework.backend import Backend, main_process_decides
+from framework.backend import Backend, on_main_process
 from framework.checkpoint import (
     acquire_run_lock,
     batch_position_for_world_size,
@@ -25,7 +25,6 @@ from framework.checkpoint import (
     saved_world_size,
 )
 from framework.config import TrainerConfig, resume_changes
-from framework.errors import ConfigError
 from framework.optim import scale_learning_rates_
 from framework.state import TrainState
 from framework.tracking import drop_metrics_after
@@ -57,14 +56,9 @@ def open_run_dir(accelerator: Accelerator, config: TrainerConfig, backend: Backe
     # they neither refuse an output_dir with checkpoints nor delete anything in it.
     trains = not (config.preview_lr or config.find_lr or config.evaluate_only)
     # One run per output_dir: the main process takes its lock first (every rank learns whether it got it).
-    refusal = None
-    if trains and accelerator.is_main_process:
-        try:
-            acquire_run_lock(config.output_dir)
-        except ConfigError as error:
-            refusal = error
-    if trains and main_process_decides(accelerator, refusal is not None):
-        raise refusal or ConfigError(f"output_dir {config.output_dir} is in use by another run (see rank 0).")
+    if trains:
+        on_main_process(accelerator, lambda: acquire_run_lock(config.output_dir),
+                        f"output_dir {config.output_dir} is in use by another run (see rank 0).")
     run = RunDir(config.output_dir, resumed_world=backend.num_processes, holds_lock=trains)
     try:
         run.resume_path = resolve_resume(config.resume_from, config.output_dir, config.overwrite) if trains else None

@@ -409,6 +409,7 @@ def test_a_finished_run_leaves_no_loader_worker_behind(tmp_path):
     trainer = Trainer(config, model, torch.optim.SGD(model.parameters(), lr=0.1), ClassificationTask(num_classes=3),
                       loaders[0], loaders[1], techniques=[])
     trainer.itself = trainer  # a reference cycle, as a real run's objects have
+    gc.collect()  # earlier tests' garbage (a loader iterated by hand) is not this run's to time
     before = set(psutil.Process().children())  # another test's W&B service may live on in this process
     trainer.fit()
     assert set(psutil.Process().children()) - before == set()

@@ -85,7 +85,7 @@ def test_sample_lambda_is_beta_and_without_a_generator_is_the_techniques_draw():
     draws = [sample_lambda(0.4, generator) for _ in range(3000)]
     assert stats.kstest(draws, stats.beta(0.4, 0.4).cdf).pvalue > 1e-3
     assert stats.kstest(draws, stats.beta(0.4, 1.0).cdf).pvalue < 1e-6  # the test can tell a wrong shape apart
-    # No generator: torch's global RNG, the very number torch.distributions.Beta draws (checkpointed resumes rely on it).
+    # No generator: torch's global RNG, the very number torch.distributions.Beta draws (resumes rely on it).
     torch.manual_seed(7)
     ours = sample_lambda(0.4)
     torch.manual_seed(7)

@@ -137,8 +137,6 @@ def classification_keys(state: TrainState, who: str) -> tuple[int, str, str]:
     return task.num_classes, task.input_key, task.target_key
 
 
-
-
 @register("mixup")
 class Mixup(Technique):
     """Mix each training batch with a permutation of itself: Mixup, CutMix, or a per-batch switch between them.
@@ -166,7 +164,8 @@ class Mixup(Technique):
         if alpha == 0 and cutmix_alpha == 0:
             raise ConfigError(f"{self.name}.alpha and {self.name}.cutmix_alpha are both 0, so nothing would be "
                               "mixed. Set alpha > 0 for Mixup and/or cutmix_alpha > 0 for CutMix.")
-        require(stop_epoch is None or stop_epoch >= 0, f"{self.name}.stop_epoch must be >= 0 or null, got {stop_epoch}.")
+        require(stop_epoch is None or stop_epoch >= 0,
+                f"{self.name}.stop_epoch must be >= 0 or null, got {stop_epoch}.")
         self.alpha = alpha
         self.cutmix_alpha = cutmix_alpha
         self.switch_prob = switch_prob
