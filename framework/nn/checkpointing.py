@@ -18,11 +18,14 @@ Policies:
 
 Wrapping sets an instance attribute ``forward`` on each chosen module (the class's ``forward`` runs inside
 ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``), so parameter names and ``state_dict`` keys do not
-change: checkpoints and exported weights load into a plain model. Non-reentrant checkpointing recomputes inside
-the one backward pass, so DDP's gradient hooks fire once per parameter (no "marked ready twice", which the reentrant
-variant's nested backward causes); launched for real under DDP and DeepSpeed ZeRO 2 and 3, with the same losses and
-weights as without it. Random ops (dropout, drop path) draw the same numbers in the recomputation (torch restores the
-RNG state), and BatchNorm running statistics move once per step, not twice (the recomputation updates copies).
+change: checkpoints and exported weights load into a plain model. Keyword arguments reach the recomputation as they
+are (transformers' decoder layers get the attention mask, position embeddings and cache as keywords); a layer that
+writes a KV cache would write it again when recomputed, so callers turn the cache off for training (the technique
+sets `config.use_cache = False`). Non-reentrant checkpointing recomputes inside the one backward pass, so DDP's
+gradient hooks fire once per parameter (no "marked ready twice", which the reentrant variant's nested backward
+causes); launched for real under DDP and DeepSpeed ZeRO 2 and 3, with the same losses and weights as without it.
+Random ops (dropout, drop path) draw the same numbers in the recomputation (torch restores the RNG state), and
+BatchNorm running statistics move once per step, not twice (the recomputation updates copies).
 """
 
 from __future__ import annotations

@@ -5,12 +5,19 @@ The kernel, its policies (``full``, ``every_k``, ``selective``) and how the wrap
 random ops and BatchNorm statistics right are in framework/nn/checkpointing.py (models use it too); this plug-in
 chooses the blocks from a config.
 
-Hook: ``before_prepare`` (wrap the raw model before DDP / DeepSpeed wrap it).
+Models of Hugging Face transformers work as they are: the default targets are the layers the model declares in
+`_no_split_modules` (its decoder layers), which are called with keyword arguments (attention mask, position
+embeddings, cache) that the wrap passes through. Their KV cache is turned off while training (`config.use_cache`), as
+transformers' own checkpointing does: a checkpointed layer that writes a cache would write it again when backward
+recomputes it, and training never reads it (it only holds every layer's keys and values alive).
+
+Hooks: ``before_prepare`` (wrap the raw model before DDP / DeepSpeed wrap it; turn off the KV cache), ``fit_end``
+(give the model its `use_cache` setting back, for generation after training).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from torch import nn
 
@@ -21,9 +28,25 @@ from framework.technique import Technique, register
 
 
 def default_targets(model: nn.Module) -> list[str]:
-    """The default targets: the names of the model's classes that end with "Block" (the reference GPT's `Block`,
-    the ResNet's `BasicBlock`, timm's ViT `Block`). Nested matches are left to the outermost one."""
-    return sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Block")})
+    """The default targets, as class names. A transformers model declares its repeated layers (those that must stay
+    whole on one device) in `_no_split_modules`, e.g. `LlamaDecoderLayer`: those of them the model holds (it may
+    be a submodule of `model`). Without that declaration: the classes whose name ends with "Block" (the reference
+    GPT's `Block`, the ResNet's `BasicBlock`, timm's ViT `Block`). Nested matches are left to the outermost one."""
+    present = {type(m).__name__ for m in model.modules()}
+    declared = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
+    return sorted(declared & present) or sorted(name for name in present if name.endswith("Block"))
+
+
+def disable_kv_cache(model: nn.Module) -> list[Any]:
+    """Set `config.use_cache = False` on every module config of `model` that has it on (transformers models);
+    return those configs, to switch back on later. Training builds no KV cache then."""
+    configs: list[Any] = []
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "use_cache", False) is True and not any(config is seen for seen in configs):
+            config.use_cache = False
+            configs.append(config)
+    return configs
 
 
 @register("gradient_checkpointing")
@@ -32,7 +55,8 @@ class GradientCheckpointing(Technique):
 
     Args:
         modules: class names (`Block`, `BasicBlock`) or fnmatch patterns on module names (`blocks.*`). Empty (the
-            default): every module whose class name ends with "Block", the repeated blocks of the reference models.
+            default): the layers a transformers model declares in `_no_split_modules` (its decoder layers), else
+            every module whose class name ends with "Block", the repeated blocks of the reference models.
         policy: "full" (recompute every block), "every_k" (every k-th block: half the saving and half the cost at
             k=2), or "selective" (keep matmul outputs, recompute the cheap ops: most of the time back).
         every_k: k for "every_k".
@@ -45,14 +69,21 @@ class GradientCheckpointing(Technique):
         self.policy = policy
         self.every_k = every_k
         self.wrapped: list[str] = []
+        self._cache_configs: list[Any] = []
 
     def before_prepare(self, state: TrainState) -> None:
         model = state.model
         targets = self.modules or default_targets(model)
         if not targets:
-            raise ConfigError(f"gradient_checkpointing: {type(model).__name__} has no module class ending in 'Block' "
-                              f"to checkpoint by default; list the modules to wrap in `modules` "
-                              f"({describe_modules(model)}).")
+            raise ConfigError(f"gradient_checkpointing: {type(model).__name__} declares no `_no_split_modules` and "
+                              f"has no module class ending in 'Block' to checkpoint by default; list the modules to "
+                              f"wrap in `modules` ({describe_modules(model)}).")
         self.wrapped = checkpoint_modules(model, targets, self.policy, self.every_k)
+        self._cache_configs += disable_kv_cache(model)  # (a second call finds them off already)
         state.summary["gradient_checkpointing"] = {"policy": self.policy, "every_k": self.every_k,
                                                    "modules": self.wrapped}
+
+    def fit_end(self, state: TrainState) -> None:
+        for config in self._cache_configs:  # generation after training may use the cache again
+            config.use_cache = True
+        self._cache_configs = []

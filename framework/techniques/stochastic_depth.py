@@ -61,11 +61,12 @@ class StochasticDepth(Technique):
         # modules() walks through DDP / DeepSpeed / FSDP / torch.compile wrappers (all nn.Modules), in the order the
         # model defines its blocks: input to output for any model built as a sequence of blocks.
         self._layers = [module for module in state.model.modules() if isinstance(module, DropPath)]
-        if not self._layers:
+        if not self._layers:  # e.g. a transformers model: its residual branches have no DropPath to set
+            name = type(state.accelerator.unwrap_model(state.model)).__name__
             raise ConfigError(
-                "stochastic_depth: the model has no DropPath modules, so there is nothing to drop. Put a "
-                "`framework.nn.drop_path.DropPath()` on each residual branch (`x + self.drop_path(branch(x))`) "
-                "or remove the technique."
+                f"stochastic_depth: {name} has no DropPath modules, so there is nothing to drop. Put a "
+                "`framework.nn.drop_path.DropPath()` on each residual branch of its blocks "
+                "(`x + self.drop_path(branch(x))`), or remove stochastic_depth from the techniques."
             )
 
     def epoch_start(self, state: TrainState) -> None:
