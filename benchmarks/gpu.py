@@ -1,5 +1,6 @@
 """The GPU variant (one script, a few minutes, for a machine with a CUDA GPU): loop parity on the GPU, the bf16
-speed-up of the framework's Trainer, and attention at long sequences in bf16.
+speed-up of the framework's Trainer, attention at long sequences in bf16, and the language-model recipe with a
+transformers Llama under bf16 with `sdpa` and `framework_chunked` attention (tokens/s, TFLOP/s and MFU).
 
     .venv/bin/python benchmarks/gpu.py [--steps 500] [--rounds 3] [--smoke]
 
@@ -57,6 +58,45 @@ def bf16_speedup(args) -> dict:
     return report("gpu_bf16", args, rows, {"step_seconds": times}, {"finite_weights": True})
 
 
+#: A Llama sized for a GPU (~150M parameters with the 8k BPE): the recipe's llama_tiny config, widened.
+GPU_LLAMA = ("--model.sizes", "{hidden_size: 1024, intermediate_size: 2816, num_hidden_layers: 8, "
+             "num_attention_heads: 16, num_key_value_heads: 4, tie_word_embeddings: true}",
+             "--data.vocab_size", "8192", "--data.context_length", "2048", "--data.batch_size", "8",
+             "--data.max_eval_blocks", "64", "--log_every", "10", "--tracker", "none",
+             "--techniques.text_sample.length", "40", "--techniques.cosine_lr.warmup_steps", "10")
+
+
+def llama_mfu(args) -> dict:
+    """recipes/language_model.py with configs/llama_tiny.yaml widened (GPU_LLAMA), under bf16.yaml, once per attention
+    implementation: the mean tokens/s, TFLOP/s and MFU of the log lines after the first (warm-up), and the test
+    bits per byte."""
+    import json
+
+    steps = 20 if args.smoke else 200
+    rows = {}
+    for implementation in ("sdpa", "framework_chunked"):
+        out = RESULTS / f"gpu_llama_{implementation}"
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                   str(ROOT / "launch_configs" / "bf16.yaml"), str(ROOT / "recipes" / "language_model.py"),
+                   "--config", str(ROOT / "recipes" / "configs" / "llama_tiny.yaml"), *GPU_LLAMA,
+                   "--model.attn_implementation", implementation, "--max_steps", str(steps), "--output_dir", str(out)]
+        done = subprocess.run(command, cwd=ROOT)
+        check(done.returncode == 0, f"the llama run with {implementation} failed")
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        timed = [line for line in lines if "perf/tflops" in line][1:] or [line for line in lines if "perf/tflops" in line]
+        mean = lambda key: sum(line.get(key, float("nan")) for line in timed) / len(timed)  # noqa: E731
+        summary = json.loads((out / "summary.json").read_text())
+        rows[implementation] = {"tokens_per_second": mean("tokens_per_second"), "tflops": mean("perf/tflops"),
+                                "mfu": mean("perf/mfu"), "test_bits_per_byte": summary["metrics"]["test/bits_per_byte"],
+                                "peak_mb": max(line.get("memory/cuda_max_allocated_mb", 0) for line in lines)}
+    print("\n| attention | tokens/s | TFLOP/s | MFU | peak MB | test bits/byte |\n|---|---|---|---|---|---|")
+    for name, row in rows.items():
+        print(f"| {name} | {row['tokens_per_second']:,.0f} | {row['tflops']:.1f} | {row['mfu']:.1%} | "
+              f"{row['peak_mb']:,.0f} | {row['test_bits_per_byte']:.3f} |")
+    (RESULTS / "gpu_llama.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = parser(__doc__.split("\n\n")[0], steps=500, rounds=3, warmup=30)
     args = parse(p, argv)
@@ -71,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         done = subprocess.run([sys.executable, str(HERE / script), *extra], cwd=ROOT)
         failed |= done.returncode
     bf16_speedup(args)
+    llama_mfu(args)
     return failed
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,44 @@ def window_loss_scale(batch_in_epoch: int, batches_per_epoch: int, accumulation:
     return accumulation / remainder if remainder and batch_in_epoch >= batches_per_epoch - remainder else 1.0
 
 
+@dataclass
+class MicroBatch:
+    """A micro-batch and its place in its accumulation window (the micro-batches of one optimizer step)."""
+
+    batch: Any
+    ends_window: bool
+    """The window's optimizer step follows this micro-batch."""
+    share: torch.Tensor | None = None
+    """When the task counts loss items: this micro-batch's items / the whole step's items over all ranks."""
+    window_size: int = 1
+    """Micro-batches in the window (k, or fewer in the epoch's last window)."""
+
+
+def micro_batches(batches: Iterable, first: int, per_epoch: int, accumulation: int, task: Task,
+                  accelerator: Accelerator) -> Iterator[MicroBatch]:
+    """The epoch's batches from position `first` on, each with its place in its window; windows end every
+    `accumulation` micro-batches and at the epoch's end.
+
+    When the task counts loss items (`Task.loss_items`), each window is read ahead, as the HF Trainer does, so that
+    every micro-batch's loss can be weighted by its share of the items of the whole step (one all-reduce per window,
+    on the device). Otherwise batches pass through one at a time, as the loader gives them."""
+    iterator = iter(batches)
+    position = first
+    for batch in iterator:
+        window_end = min(per_epoch, (position // accumulation + 1) * accumulation)
+        items = task.loss_items(batch)
+        if items is None:
+            position += 1
+            yield MicroBatch(batch, ends_window=position == window_end)
+            continue
+        window = [(batch, items)] + [(b, task.loss_items(b)) for b in islice(iterator, window_end - position - 1)]
+        # clamp: a step of padding only has no items; its micro-batches' losses are 0 and get weight 0
+        total = accelerator.reduce(torch.stack([n for _, n in window]).sum(), reduction="sum").clamp(min=1)
+        for index, (b, n) in enumerate(window):
+            yield MicroBatch(b, ends_window=index == len(window) - 1, share=n / total, window_size=len(window))
+        position += len(window)
+
+
 def to_channels_last(batch: Any) -> Any:
     """A batch whose 4-D tensors (images) are in channels-last memory format, like the model's weights."""
     if isinstance(batch, dict):
@@ -68,6 +109,8 @@ class Trainer:
         inference_files: file name -> JSON-able value, written to output_dir when training starts, so the run's
             weights can be used on their own (`model.json`: how to rebuild the model; `preprocessor.json`: class
             names and how evaluation reads an image). `python -m framework.predict` reads them.
+        flops_per_token: the model's training FLOPs per token (`framework.models.causal_lm.flops_per_token`), for
+            the logged `perf/tflops` per device and, on a GPU of known peak, `perf/mfu`; in summary.json's `model`.
     """
 
     def __init__(
@@ -83,6 +126,7 @@ class Trainer:
         accelerator: Accelerator | None = None,
         pictures: dict[str, Callable[[Path], Any]] | None = None,
         inference_files: dict[str, Any] | None = None,
+        flops_per_token: int | None = None,
     ):
         exit_with_launcher()  # a rank whose launcher dies (SIGKILL) stops too, gracefully, instead of training on
         self.config = config
@@ -107,7 +151,8 @@ class Trainer:
         self.pictures = dict(pictures or {})
         self.inference_files = dict(inference_files or {})
         self.state = TrainState(self.accelerator, model, optimizer, Path(config.output_dir),
-                                techniques=self.techniques, task=task, rollback_service=self.rollback)
+                                techniques=self.techniques, task=task, rollback_service=self.rollback,
+                                flops_per_token=flops_per_token)
         self._checkpointed: list[Any] = []  # what a checkpoint holds besides the model (set in fit)
         self._hooks = hook_table(self.techniques)
         self._step_owner = next((t for t in self.techniques if t.owns_optimizer_step), None)
@@ -257,7 +302,9 @@ class Trainer:
             if state.batch_in_epoch:  # resuming mid-epoch: continue after the batches already consumed
                 loader = accelerator.skip_first_batches(loader, state.batch_in_epoch)
             window.wait_for_data()
-            for batch in loader:
+            for micro in micro_batches(loader, state.batch_in_epoch, batches, config.gradient_accumulation_steps,
+                                       task, accelerator):
+                batch = micro.batch
                 window.data_arrived()
                 if config.channels_last:
                     batch = to_channels_last(batch)
@@ -268,15 +315,18 @@ class Trainer:
                     stepped = True
                     self._end_step()
                 else:
-                    with accelerator.accumulate(state.model):
+                    with self._accumulate(micro):
                         outputs = task.forward(state.model, batch)
                         loss = task.loss(outputs, batch)
                         for hook in hooks["on_loss"]:
                             loss = hook(state, loss, batch, outputs)
-                        scale = window_loss_scale(state.batch_in_epoch, batches, config.gradient_accumulation_steps)
-                        accelerator.backward(loss if scale == 1 else loss * scale)
+                        if micro.share is None:  # a mean over equal-weight samples: each micro-batch weighs alike
+                            scale = window_loss_scale(state.batch_in_epoch, batches, config.gradient_accumulation_steps)
+                        else:  # its share of the step's items, times k and the ranks, which accelerate / DDP divide by
+                            scale = micro.share * (config.gradient_accumulation_steps * accelerator.num_processes)
+                        accelerator.backward(loss if isinstance(scale, float) and scale == 1 else loss * scale)
                         self._call("after_backward")
-                        stepped = accelerator.sync_gradients and self._optimizer_step(batch)
+                        stepped = accelerator.sync_gradients and self._optimizer_step(batch, scale)
                         if stepped:
                             self._end_step()
                 if state.rolled_back:  # a hook called `rollback` (nan_guard): continue from the restored position
@@ -289,7 +339,11 @@ class Trainer:
                 batch_tokens = task.batch_tokens(batch) * accelerator.num_processes
                 state.samples_seen += batch_samples
                 state.tokens_seen += batch_tokens
-                window.add(loss, batch_samples, batch_tokens, task.train_metrics(outputs, batch))
+                # train/loss is the window's mean over micro-batches and ranks; weighted by their shares of the
+                # step's items, that mean is the step's plain mean over its items.
+                logged = loss if micro.share is None else loss * (micro.share * micro.window_size
+                                                                  * accelerator.num_processes)
+                window.add(logged, batch_samples, batch_tokens, task.train_metrics(outputs, batch))
                 for hook in hooks["batch_end"]:
                     hook(state, {"loss": loss.detach(), **state.logs})
                 if not stepped:
@@ -320,9 +374,20 @@ class Trainer:
             self._evaluate_and_log()  # stopped mid-epoch: still report validation metrics for the final weights
         self._checkpoint()
 
-    def _optimizer_step(self, batch: Any) -> bool:
+    def _accumulate(self, micro: MicroBatch) -> contextlib.AbstractContextManager:
+        """The gradient-sync context of one micro-batch. accelerate's `accumulate` counts the window itself and ends
+        one early at the end of the data; a read-ahead window has already reached the end of the data when its first
+        micro-batch runs, so it says where the window ends instead (as the HF Trainer does)."""
+        accelerator = self.accelerator
+        if micro.share is None:
+            return accelerator.accumulate(self.state.model)
+        accelerator.sync_gradients = micro.ends_window  # the optimizer steps (and DeepSpeed's boundary) only then
+        return contextlib.nullcontext() if micro.ends_window else accelerator.no_sync(self.state.model)
+
+    def _optimizer_step(self, batch: Any, loss_scale: float | torch.Tensor = 1.0) -> bool:
         """Between backward and zero_grad when gradients are synchronised: the hooks around the optimizer step.
-        Returns False when a technique skipped the step (`state.skip_step`, on every rank alike)."""
+        `loss_scale`: the factor the batch's loss had in backward (a recomputation applies it too). Returns False
+        when a technique skipped the step (`state.skip_step`, on every rank alike)."""
         state = self.state
         unscale_gradients_once(self.accelerator, state.optimizer)  # fp16: hooks see true gradients
         self._call("before_optimizer_step")
@@ -335,7 +400,7 @@ class Trainer:
             # Measured only on logging steps (a clipping technique reports it on every step anyway).
             state.log(grad_norm=gradient_norm(self.accelerator, list(state.model.parameters())))
         if self._step_owner is not None:
-            self._step_owner.optimizer_step(state, lambda: self._recompute_gradients(batch))
+            self._step_owner.optimizer_step(state, lambda: self._recompute_gradients(batch, loss_scale))
         else:
             state.optimizer.step()
         state.optimizer.zero_grad(set_to_none=True)
@@ -363,7 +428,7 @@ class Trainer:
         self._optimizer_step(batch)
         return loss
 
-    def _recompute_gradients(self, batch: Any) -> torch.Tensor:
+    def _recompute_gradients(self, batch: Any, loss_scale: float | torch.Tensor = 1.0) -> torch.Tensor:
         """For the step-owning technique (SAM): forward and backward again on the same batch, then the other
         techniques' gradient hooks (clipping bounds the gradient that will be applied)."""
         state, task = self.state, self.task
@@ -374,7 +439,7 @@ class Trainer:
         loss = task.loss(outputs, batch)
         for hook in self._hooks["on_loss"]:
             loss = hook(state, loss, batch, outputs)
-        self.accelerator.backward(loss)
+        self.accelerator.backward(loss if isinstance(loss_scale, float) and loss_scale == 1 else loss * loss_scale)
         unscale_gradients_once(self.accelerator, state.optimizer)
         for hook in self._hooks["before_optimizer_step"]:
             if hook.__self__ is not self._step_owner:

@@ -36,6 +36,7 @@ class TrainState:
     batch_in_epoch: int = 0  # micro-batches consumed in the current epoch (for mid-epoch resume)
     samples_seen: int = 0  # over all ranks
     tokens_seen: int = 0  # over all ranks (language models)
+    flops_per_token: int | None = None  # the model's training FLOPs per token, when known (TFLOP/s and MFU)
     validates: bool = False  # the run evaluates on validation data at epoch ends (schedules/early stopping need it)
     should_stop: bool = False  # set by a technique (early stopping) to end training after this step/epoch
     skip_step: bool = False  # set in before_optimizer_step (nan_guard): this step is not taken, on every rank

@@ -11,6 +11,9 @@ import torch.nn.functional as F
 
 from framework.errors import ConfigError, IncompatibleError
 
+IGNORE_INDEX = -100
+"""A target that the loss skips (cross-entropy's `ignore_index`; transformers' label for padding)."""
+
 
 class Task:
     """Base class. `eval_outputs` returns per-sample tensors; the loop gathers them over ranks (dropping the samples
@@ -66,6 +69,16 @@ class Task:
     def batch_tokens(self, batch: Any) -> int:
         """Tokens predicted in this batch on this rank (for `tokens_seen` and tokens/s; 0 when not a sequence task)."""
         return 0
+
+    def loss_items(self, batch: Any) -> torch.Tensor | None:
+        """How many items (e.g. real target tokens) `loss` averages over in this batch, as a 0-dim tensor on the
+        batch's device; None (the default) when the loss is a mean over equal-weight samples.
+
+        With a count, the loop makes each optimizer step's gradient that of the mean over every item of the step (all
+        micro-batches, all ranks), not the mean of the micro-batches' means, which would weight a token in a batch
+        full of padding more than one in a full batch. It counts the batch as the loader gives it (before `on_batch`
+        hooks), and is asked for every batch or for none."""
+        return None
 
     def output_classes(self, outputs: Any) -> int | None:
         """The number of classes the loss chooses among (the doctor expects a fresh model's loss near ln C), or None
@@ -123,35 +136,79 @@ class ClassificationTask(Task):
 
 
 class LanguageModelTask(Task):
-    """Next-token prediction: the model maps (B, T) tokens to (B, T, vocab) logits; each block of T + 1 tokens
-    gives T predictions. Metrics: loss (nats per token) and `bits_per_<token_name>` (loss / ln 2): bits per byte
-    for a byte-level model, comparable across models whatever their tokenizer only then.
+    """Next-token prediction: the model maps (B, T) tokens to (B, T, vocab) logits (a tensor, or a transformers
+    `ModelOutput` with `.logits`); each block of T + 1 tokens gives T predictions.
+
+    Padding: a batch may carry `attention_mask` (B, T + 1), 1 = real token, 0 = padding. The model then gets
+    `attention_mask=attention_mask[:, :-1]` (transformers models and `framework.models.gpt.GPT` take it; a model of
+    your own must too), and a target that is padding is ignored: the loss is the mean over the batch's real targets,
+    and `loss_items` counts them, so an optimizer step averages over every real token it holds (see the loop).
+
+    Metrics: `loss` (nats per predicted token, summed over the split then divided: exact whatever the blocks'
+    lengths) and, when the batches carry `bytes` (the UTF-8 bytes the block's targets stand for, as
+    `framework.data.text` writes them), `bits_per_byte` = total nats / total bytes / ln 2: comparable across
+    tokenizers. Without `bytes`: `bits_per_token`.
+
+    Args:
+        input_key: the batch's token blocks (B, T + 1).
+        tokenizer: the data's transformers tokenizer, for techniques that decode tokens (`text_sample`); None: the
+            tokens are UTF-8 bytes.
     """
 
-    def __init__(self, input_key: str = "input_ids", token_name: str = "token"):
+    def __init__(self, input_key: str = "input_ids", tokenizer: Any = None):
         self.input_key = input_key
-        self.token_name = token_name
+        self.tokenizer = tokenizer  # for what turns tokens into text (text_sample); None: UTF-8 bytes
 
     def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model(batch[self.input_key][:, :-1])
+        inputs = batch[self.input_key][:, :-1]
+        if "attention_mask" in batch:
+            outputs = model(inputs, attention_mask=batch["attention_mask"][:, :-1])
+        else:
+            outputs = model(inputs)
+        return getattr(outputs, "logits", outputs)
+
+    def targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, T): the next token at every position, IGNORE_INDEX where that token is padding."""
+        targets = batch[self.input_key][:, 1:]
+        if "attention_mask" in batch:
+            targets = targets.masked_fill(batch["attention_mask"][:, 1:] == 0, IGNORE_INDEX)
+        return targets
 
     def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        targets = batch[self.input_key][:, 1:]
-        return F.cross_entropy(outputs.flatten(0, 1).float(), targets.flatten())
+        targets = self.targets(batch)
+        nats = F.cross_entropy(outputs.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum")
+        # Divided here rather than by cross_entropy's mean: a micro-batch of padding only gives 0, not 0 / 0.
+        return nats / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+    def loss_items(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The real targets in the batch (all B·T without `attention_mask`: a smaller last batch weighs less too)."""
+        return (self.targets(batch) != IGNORE_INDEX).sum()
 
     def eval_outputs(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        targets = batch[self.input_key][:, 1:]
-        per_token = F.cross_entropy(outputs.transpose(1, 2).float(), targets, reduction="none")  # (B, T)
-        return {"loss": per_token.mean(dim=1)}  # blocks have equal length: the mean of means is the token mean
+        targets = self.targets(batch)
+        nats = F.cross_entropy(outputs.transpose(1, 2).float(), targets, ignore_index=IGNORE_INDEX,
+                               reduction="none").sum(dim=1)  # (B,); ignored targets add 0
+        per_block = {"nats": nats, "tokens": (targets != IGNORE_INDEX).sum(dim=1).to(nats)}
+        if "bytes" in batch:
+            per_block["bytes"] = batch["bytes"].to(nats)
+        return per_block
 
     def compute_metrics(self, gathered: dict[str, torch.Tensor]) -> dict[str, float]:
-        loss = gathered["loss"].float().mean().item()
-        return {"loss": loss, f"bits_per_{self.token_name}": loss / math.log(2)}
+        nats = gathered["nats"].double().sum().item()
+        metrics = {"loss": nats / gathered["tokens"].double().sum().item()}
+        if "bytes" in gathered:
+            metrics["bits_per_byte"] = nats / gathered["bytes"].double().sum().item() / math.log(2)
+        else:
+            metrics["bits_per_token"] = metrics["loss"] / math.log(2)
+        return metrics
 
     def batch_size(self, batch: dict[str, torch.Tensor]) -> int:
         return batch[self.input_key].shape[0]
 
     def batch_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        if "attention_mask" in batch:  # real targets only (one host read, as `int` needs)
+            return int(batch["attention_mask"][:, 1:].count_nonzero())
         blocks = batch[self.input_key]
         return blocks.shape[0] * (blocks.shape[1] - 1)
 

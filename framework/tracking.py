@@ -130,6 +130,29 @@ def log_picture(accelerator: Accelerator, name: str, path: str | os.PathLike, st
             tracker.log({f"picture/{name}": Path(path).name}, step=step)
 
 
+#: Dense (not 2:4-sparse) bf16 tensor-core peaks in TFLOP/s, by a name torch.cuda.get_device_name contains; the
+#: more specific name first. From the vendor's data sheets; sparse figures are twice these (a table that mixed the
+#: two once halved users' MFU).
+DENSE_BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "A100": 312.0}
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """The device's dense bf16 peak from `DENSE_BF16_PEAK_TFLOPS`, or None for a device not in the table."""
+    return next((peak for name, peak in DENSE_BF16_PEAK_TFLOPS.items() if name in device_name), None)
+
+
+def throughput(tokens_per_second: float, flops_per_token: int, processes: int, device: torch.device
+               ) -> dict[str, float]:
+    """Achieved TFLOP/s per device (`perf/tflops`) and, on a GPU in the peak table, `perf/mfu`: that over the dense
+    bf16 peak (model FLOPs utilisation, PaLM's definition: recomputation is not counted)."""
+    tflops = tokens_per_second * flops_per_token / processes / 1e12
+    values = {"perf/tflops": tflops}
+    peak = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    if peak is not None:
+        values["perf/mfu"] = tflops / peak
+    return values
+
+
 def memory_use(device: torch.device) -> dict[str, float]:
     """This process's resident memory, and on CUDA the peak allocated since the last log line (then reset)."""
     values = {"memory/rss_mb": psutil.Process().memory_info().rss / 2**20}
@@ -288,6 +311,9 @@ def log_train_step(accelerator: Accelerator, state: TrainState, window: LogWindo
     values.update(epoch=epochs, samples_seen=state.samples_seen, **memory_use(accelerator.device))
     if state.tokens_seen:
         values["tokens_seen"] = state.tokens_seen
+    if state.flops_per_token and "tokens_per_second" in values:
+        values.update(throughput(values["tokens_per_second"], state.flops_per_token, accelerator.num_processes,
+                                 accelerator.device))
     accelerator.log(values, step=state.step)
     if overfit_batches:
         loss = values["train/loss"]
@@ -320,9 +346,11 @@ def finish_run(accelerator: Accelerator, state: TrainState, results: dict[str, A
             "samples_seen": state.samples_seen,
             "seconds": round(seconds, 2),
             "samples_per_second": round(state.samples_seen / seconds, 1) if seconds > 0 else None,
+            **({"tokens_per_second": round(state.tokens_seen / seconds, 1)} if state.tokens_seen and seconds > 0
+               else {}),
             "techniques": techniques,
         },
-        "model": model,
+        "model": model if model is None else {**model, "flops_per_token": state.flops_per_token},
         **state.summary,
     }
     if accelerator.is_main_process:

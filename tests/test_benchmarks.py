@@ -110,10 +110,15 @@ def test_sharding(tmp_path):
 
 @pytest.mark.slow
 def test_run_all_memory_benchmarks(tmp_path):
-    """The memory issue's benchmarks inside the suite's table (tiny sizes), through run_all as `make bench` runs them."""
+    """The memory issue's benchmarks inside the suite's table (tiny sizes), through run_all as `make bench` runs them;
+    attention's includes the tiny Llama under each attn_implementation."""
     run_all = importlib.import_module("run_all")
     status = run_all.main(["--smoke", "--only", "attention", "checkpointing", "--results", str(tmp_path)])
     assert status == 0
+    llama = json.loads((tmp_path / "attention.json").read_text())["llama"]
+    peaks = {row["variant"]: row["peak_mb"] for row in llama["results"]}
+    assert peaks.keys() == {"eager", "sdpa", "framework_chunked"}
+    assert peaks["framework_chunked"] < peaks["eager"]  # counted allocations: exact, no noise to allow for
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {row["benchmark"] for row in summary["rows"]} == {"attention", "checkpointing"}
     assert (tmp_path / "summary.md").read_text().startswith("Measured ")

@@ -36,7 +36,7 @@ def test_text_files_become_held_out_blocks(tmp_path):
     counts = np.bincount(np.asarray(data.splits["train"]["input_ids"]).ravel(), minlength=256)
     p = counts[counts > 0] / counts.sum()
     assert data.unigram_bits_per_byte() == pytest.approx(-(p * np.log2(p)).sum())
-    with pytest.raises(ConfigError, match="no full block of 10001 bytes"):
+    with pytest.raises(ConfigError, match="no full block of 10001 tokens"):
         text_data(TextDataConfig(name=str(tmp_path / "*.txt"), context_length=10_000))
 
 

@@ -21,8 +21,10 @@ recipe = load_recipe
 
 
 def config_class(name: str) -> type:
-    return next(value for key, value in vars(recipe(name)).items()
-                if key.endswith("Config") and getattr(value, "__module__", None) == name)
+    """The recipe's run config: its TrainerConfig subclass (a recipe may define part configs too, e.g. its model's)."""
+    return next(value for value in vars(recipe(name)).values()
+                if isinstance(value, type) and issubclass(value, framework.config.TrainerConfig)
+                and value.__module__ == name)
 
 
 def yaml_of(name: str) -> str:

@@ -115,8 +115,15 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, tokens: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, vocab_size) logits of the next token at every position."""
+    def forward(self, tokens: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, vocab_size) logits of the next token at every position.
+
+        Padding: `key_padding_mask` (B, T) bool, True = a real token, or `attention_mask` (B, T), 1 = real, 0 = padding
+        (the transformers convention, what `LanguageModelTask` passes); no position attends to padding. Positions
+        count from the block's start, so right padding keeps real tokens at the positions they were trained at."""
+        if attention_mask is not None:
+            key_padding_mask = attention_mask.bool()
         length = tokens.shape[1]
         if length > self.config.context_length:
             raise ValueError(f"sequence of {length} tokens is longer than context_length {self.config.context_length}")

@@ -12,6 +12,7 @@ from framework.techniques.grad_clipping import GradientClipping
 from framework.techniques.gan_samples import GANSamples, classifier_judge
 from framework.techniques.gradient_flow import GradientFlow, gradient_flow
 from framework.techniques.gradient_penalty import GradientPenalty, gradient_penalty
+from framework.techniques.hf_export import HFExport
 from framework.techniques.layerwise_lr import LayerwiseLR, parameter_groups
 from framework.techniques.label_smoothing import LabelSmoothing, smooth_targets
 from framework.techniques.lookahead import Lookahead, lookahead_sync_
@@ -53,7 +54,7 @@ __all__ = [
     "StochasticDepth", "depth_rates", "ProgressiveResizing", "progressive_size",
     "GradientCheckpointing",
     "ActivationStats", "activation_stats", "GradientFlow", "gradient_flow", "Profiler",
-    "TextSample", "sample_text", "GradientPenalty", "gradient_penalty", "GANSamples", "classifier_judge",
+    "TextSample", "sample_text", "HFExport", "GradientPenalty", "gradient_penalty", "GANSamples", "classifier_judge",
     "NaNGuard", "scale_learning_rates_",
     "Doctor", "first_nonfinite_layer", "out_of_memory_report",
 ]
