@@ -145,7 +145,7 @@ BAD_INPUTS = [
     ("empty data set", run("language_model", "--data.name", "{files}/empty.csv"),
      ["empty.csv' holds no samples", "add data"]),
     ("empty split", run("language_model", "--data.name", "{files}/corpus/*.txt", "--data.context_length", "100000"),
-     ["a split has no full block of 100001 bytes", "lower data.context_length"]),
+     ["a split has no full block of 100001 tokens", "lower data.context_length"]),
     ("missing checkpoint", run("image_classification", *TINY, "--resume_from", "{files}/no_checkpoint"),
      ["no_checkpoint is not a complete checkpoint", "or `latest`"]),
     ("fresh start over an earlier run",
