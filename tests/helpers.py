@@ -4,6 +4,7 @@ accelerate's singletons, tiny data, a tiny Trainer and TrainState, a plain model
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import weakref
@@ -44,8 +45,18 @@ def launch_command(script: str | Path, *args: str, launch_config: str | Path = "
     """`accelerate launch --config_file launch_configs/<launch_config> [--num_cpu_threads_per_process 1]
     [launcher_args] script args...` as a command line (`one_thread=False`: as a user types it, without the flag)."""
     threads = ["--num_cpu_threads_per_process", "1"] if one_thread else []
+    # A free port for each launch instead of the config's fixed one, so launches that overlap (another test
+    # session, a benchmark) never meet at the rendezvous with "address already in use".
+    port = [] if "--main_process_port" in launcher_args else ["--main_process_port", str(free_port())]
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(ROOT / "launch_configs" / launch_config), *threads, *launcher_args, str(script), *args]
+            str(ROOT / "launch_configs" / launch_config), *threads, *port, *launcher_args, str(script), *args]
+
+
+def free_port() -> int:
+    """A TCP port that nothing listens on now (the OS picks it)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def launch(script: str | Path, *args: str, launch_config: str | Path = "cpu.yaml", timeout: int = 600,

@@ -321,8 +321,8 @@ def cache_dir() -> Path:
 
 def cached(dataset: datasets.Dataset, kind: str, key: str, compute: Callable[[], Any]) -> Any:
     """`compute()`, cached in a JSON file keyed by the data set's fingerprint, for data read from files (local
-    folders, data files, the hub cache): computed once. In-memory data (the embedded digits) is small and computed
-    each time (its fingerprint is random)."""
+    folders, data files, the hub cache, the embedded digits): computed once. In-memory data built in the run has a
+    random fingerprint: computed each time."""
     if not dataset.cache_files:
         return compute()
     digest = hashlib.sha256(f"{dataset._fingerprint}-{key}".encode()).hexdigest()[:24]

@@ -22,17 +22,19 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import datasets
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import DataLoader
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from framework.data.loaders import make_loader
 from framework.data.sources import check_sizes, load_source, make_splits
 from framework.errors import ConfigError
+
+if TYPE_CHECKING:  # transformers costs ~2 s to import; image runs never need it
+    from transformers import PreTrainedTokenizerFast
 
 END_OF_DOCUMENT = 0  # the `bytes` tokenizer's eos id: a byte that text hardly ever holds (NUL)
 BPE_END_OF_DOCUMENT = "<|endoftext|>"
@@ -134,6 +136,9 @@ def byte_blocks(texts: list[str], block_length: int) -> list[list[int]]:
 def bytes_tokenizer() -> PreTrainedTokenizerFast:
     """Byte b -> id b, with id 0 (byte NUL) the eos token: today's `encode` as a tokenizer. A BPE without merges over
     GPT-2's byte-to-unicode alphabet, so the ByteLevel pre-tokenizer and decoder map bytes to and from text."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
     alphabet = bytes_to_unicode()
     backend = Tokenizer(models.BPE(vocab={alphabet[b]: b for b in range(256)}, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -146,6 +151,8 @@ def bytes_tokenizer() -> PreTrainedTokenizerFast:
 def train_bpe(texts: Iterable[str] | Iterable[list[str]], vocab_size: int) -> PreTrainedTokenizerFast:
     """A byte-level BPE (GPT-2's pre-tokenization) of `vocab_size` tokens trained on `texts` (an iterator of strings
     or of lists of strings); the eos token is id 0."""
+    from transformers import PreTrainedTokenizerFast
+
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -159,6 +166,8 @@ def bpe_tokenizer(train: datasets.Dataset, column: str, vocab_size: int) -> PreT
     """The BPE of `train[column]`, trained once and saved under the `datasets` cache; later runs and the other ranks
     load it. Processes building it at once each save to a folder of their own and rename it into place: the first
     wins, the others' identical copies are dropped."""
+    from transformers import AutoTokenizer
+
     key = f"bpe{vocab_size}-{train._fingerprint}-{datasets.fingerprint.Hasher.hash(column)}"
     folder = Path(datasets.config.HF_DATASETS_CACHE) / "framework_tokenizers" / key
     if not folder.is_dir():
@@ -175,6 +184,8 @@ def bpe_tokenizer(train: datasets.Dataset, column: str, vocab_size: int) -> PreT
 
 def load_tokenizer(name: str, train: datasets.Dataset, column: str, vocab_size: int) -> PreTrainedTokenizerFast:
     """`bytes`, `bpe` (trained on `train[column]`, cached) or a local folder holding a saved tokenizer."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
     if name == "bytes":
         return bytes_tokenizer()
     if name == "bpe":
@@ -205,6 +216,8 @@ def _unknown_tokenizer(name: str) -> ConfigError:
 def token_byte_lengths(tokenizer: PreTrainedTokenizerFast) -> np.ndarray | None:
     """The UTF-8 bytes each token id stands for (the eos: 1), for byte-level tokenizers (ByteLevel decoder, every
     vocabulary entry spelled in the byte alphabet); None for others, whose bytes depend on their neighbours."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
     if not isinstance(tokenizer.backend_tokenizer.decoder, decoders.ByteLevel):
         return None
     alphabet = set(bytes_to_unicode().values())
