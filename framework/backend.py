@@ -100,6 +100,26 @@ def make_accelerator(
     return accelerator
 
 
+def build_model(accelerator: Accelerator, factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """`factory()`, called where the launched backend wants the model built. Under DeepSpeed ZeRO-3 with the launch
+    config's `zero3_init_flag: true`, accelerate has told transformers (its HfDeepSpeedConfig) to build models inside
+    `deepspeed.zero.Init`: each rank then holds only its shard of the weights from the start, so a model larger than
+    one device's memory can be built at all. With the flag false the model is built whole on every rank and
+    partitioned when it is prepared. Models that are not transformers' are built whole either way: zero.Init would
+    skip initialisation that a model runs over its submodules after building them (the framework's GPT does)."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or plugin.zero3_init_flag:
+        return factory()
+    # accelerate sets transformers' ZeRO-3 reference whatever the flag says; the flag is the user's word, so honour it
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        return factory()
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
 def set_determinism(deterministic: bool) -> None:
     """`--deterministic`: only deterministic kernels, so the same run twice gives bitwise-equal weights (the data
     order and the DataLoader workers' seeds already follow the run's seed). Otherwise cuDNN autotunes convolutions on

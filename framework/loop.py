@@ -20,14 +20,15 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from framework.backend import (deepspeed_summary, describe_backend, forget_unscaling, gradient_norm, make_accelerator,
-                               num_machines, set_determinism, unscale_gradients_once, weights_finite,
-                               weights_swapped_in)
+from framework.backend import (build_model, deepspeed_summary, describe_backend, forget_unscaling, gradient_norm,
+                               make_accelerator, num_machines, set_determinism, unscale_gradients_once,
+                               weights_finite, weights_swapped_in)
 from framework.checkpoint import LOCK, load_checkpoint, newest_healthy_checkpoint, save_checkpoint
 from framework.config import TrainerConfig, config_to_yaml, configured_techniques, flatten
 from framework.data.loaders import first_batches, shut_down_workers
 from framework.errors import ConfigError
 from framework.lr_finder import find_lr
+from framework.nn.sharded import is_partitioned
 from framework.nn.norm import frozen_running_statistics
 from framework.optim import scale_learning_rates_
 from framework.preemption import PreemptionWatch, exit_with_launcher, stop_preempted
@@ -99,7 +100,9 @@ class Trainer:
 
     Args:
         config: a `TrainerConfig` (usually the recipe's config, which inherits it); logged to the trackers in full.
-        model / optimizer: plain torch objects; accelerate wraps them for the launched backend.
+        model / optimizer: plain torch objects; accelerate wraps them for the launched backend. Or factories
+            (`model()`, `optimizer(model)`), called once the backend exists: under ZeRO-3 a transformers model is
+            then built already partitioned across the ranks (`framework.backend.build_model`).
         task: forward, loss and evaluation outputs for this kind of model.
         train_data / eval_data / test_data: DataLoaders; eval runs every `config.eval_every` epochs, test at the end.
         techniques: plug-ins in hook order; default: built from `config.techniques`.
@@ -111,13 +114,14 @@ class Trainer:
             names and how evaluation reads an image). `python -m framework.predict` reads them.
         flops_per_token: the model's training FLOPs per token (`framework.models.causal_lm.flops_per_token`), for
             the logged `perf/tflops` per device and, on a GPU of known peak, `perf/mfu`; in summary.json's `model`.
+            A function of the model where the model is a factory.
     """
 
     def __init__(
         self,
         config: TrainerConfig,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
+        model: torch.nn.Module | Callable[[], torch.nn.Module],
+        optimizer: torch.optim.Optimizer | Callable[[torch.nn.Module], torch.optim.Optimizer],
         task: Task,
         train_data: DataLoader,
         eval_data: DataLoader | None = None,
@@ -126,7 +130,7 @@ class Trainer:
         accelerator: Accelerator | None = None,
         pictures: dict[str, Callable[[Path], Any]] | None = None,
         inference_files: dict[str, Any] | None = None,
-        flops_per_token: int | None = None,
+        flops_per_token: int | Callable[[torch.nn.Module], int | None] | None = None,
     ):
         exit_with_launcher()  # a rank whose launcher dies (SIGKILL) stops too, gracefully, instead of training on
         self.config = config
@@ -150,9 +154,17 @@ class Trainer:
                                   config.gradient_accumulation_steps)
         self.pictures = dict(pictures or {})
         self.inference_files = dict(inference_files or {})
+        if not isinstance(model, torch.nn.Module):
+            model = build_model(self.accelerator, model)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            optimizer = optimizer(model)
+        if callable(flops_per_token):
+            flops_per_token = flops_per_token(model)
         self.state = TrainState(self.accelerator, model, optimizer, Path(config.output_dir),
                                 techniques=self.techniques, task=task, rollback_service=self.rollback,
                                 flops_per_token=flops_per_token)
+        if self.backend.deepspeed_stage == 3:  # summary.json: was the model ever whole on one rank?
+            self.state.summary["model_built_partitioned"] = is_partitioned(model)
         self._checkpointed: list[Any] = []  # what a checkpoint holds besides the model (set in fit)
         self._hooks = hook_table(self.techniques)
         self._step_owner = next((t for t in self.techniques if t.owns_optimizer_step), None)

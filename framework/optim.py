@@ -16,6 +16,7 @@ from torch import nn
 from torch.optim import lr_scheduler
 
 from framework.errors import ConfigError
+from framework.nn.sharded import full_shape
 
 
 def weight_decay_groups(parameters: nn.Module | Iterable[torch.Tensor], weight_decay: float,
@@ -35,8 +36,9 @@ def weight_decay_groups(parameters: nn.Module | Iterable[torch.Tensor], weight_d
         if id(parameter) in seen:  # tied weights appear once
             continue
         seen.add(id(parameter))
+        vector = len(full_shape(parameter)) <= 1  # a norm's scale or a bias
         undecayed = weight_decay > 0 and (  # with no weight decay at all, one group in the model's order
-            (no_decay_norm_and_bias and parameter.ndim <= 1) or (no_decay_embeddings and id(parameter) in embeddings))
+            (no_decay_norm_and_bias and vector) or (no_decay_embeddings and id(parameter) in embeddings))
         (no_decay if undecayed else decay).append(parameter)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [group for group in groups if group["params"]]

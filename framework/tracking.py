@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 from PIL import Image
 
+from framework.nn.sharded import full_shape
 from framework.state import TrainState
 
 
@@ -236,7 +237,7 @@ def plain_output() -> bool:
 def model_summary(model: torch.nn.Module) -> dict[str, Any]:
     """The model's class, parameter counts and weight size (whole tensors, also when ZeRO-3 holds only shards)."""
     parameters = list(model.parameters())
-    numel = [getattr(p, "ds_numel", p.numel()) for p in parameters]
+    numel = [full_shape(p).numel() for p in parameters]
     return {
         "class": type(model).__name__,
         "parameters": sum(numel),

@@ -73,10 +73,11 @@ def main(args: list[str] | None = None) -> Trainer:
         config.techniques.setdefault("hf_export", {})
     torch.manual_seed(config.seed)  # the same initial weights on every rank and every run
     data = text_data(config.data, seed=config.seed)
-    model = build_model(config, data)
-    trainer = Trainer(config, model, config.optimizer.build(model), LanguageModelTask(tokenizer=data.tokenizer),
+    # Factories: the Trainer builds the model once the backend exists, so ZeRO-3 can build it partitioned.
+    trainer = Trainer(config, lambda: build_model(config, data), config.optimizer.build,
+                      LanguageModelTask(tokenizer=data.tokenizer),
                       data.loaders["train"], data.loaders["validation"], data.loaders["test"],
-                      flops_per_token=flops_per_token(model, config.data.context_length))
+                      flops_per_token=lambda model: flops_per_token(model, config.data.context_length))
     trainer.state.summary["unigram_bits_per_byte"] = data.unigram_bits_per_byte()
     results = trainer.fit()
     if trainer.accelerator.is_main_process and "metrics" in results:

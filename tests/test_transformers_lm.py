@@ -107,9 +107,9 @@ SMALL = ("--tracker", "none", "--data.vocab_size", "512", "--data.context_length
          "32", "--log_every", "2", "--techniques.cosine_lr.warmup_steps", "2", "--techniques.text_sample.length", "8")
 
 
-def run_llama(output_dir, *extra, launch_config="cpu.yaml", steps=6):
+def run_llama(output_dir, *extra, launch_config="cpu.yaml", steps=6, launcher_args=()):
     result = launch(DUMP, *LLAMA, *SMALL, "--output_dir", str(output_dir), "--max_steps", str(steps), *extra,
-                    launch_config=launch_config, env={"DUMP_RECIPE": "language_model"})
+                    launch_config=launch_config, env={"DUMP_RECIPE": "language_model"}, launcher_args=launcher_args)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((output_dir / "summary.json").read_text())
 
@@ -158,12 +158,18 @@ LLAMA_BACKENDS = {"multi_cpu.yaml": 2, "deepspeed_zero2.yaml": 2, "cpu.yaml": 1,
 @pytest.mark.slow
 @pytest.mark.parametrize("launch_config", list(LLAMA_BACKENDS))
 def test_llama_recipe_on_every_cpu_backend(tmp_path, launch_config):
-    """Trains, the ranks agree, the export (gathered from ZeRO-3's shards) loads and reproduces the test loss; on
+    """Trains (under ZeRO-3 from a model built partitioned, or built whole when the launch turns zero3_init_flag
+    off), the ranks agree, the export (gathered from ZeRO-3's shards) loads and reproduces the test loss; on
     cpu, multi_cpu and ZeRO-2 a resume from step 3's checkpoint ends with the same weights bit for bit."""
     world_size = LLAMA_BACKENDS[launch_config]
+    # ZeRO-3 builds the model partitioned (the launch config's zero3_init_flag: true); the offload case turns the
+    # flag off at the launcher, so the model is built whole and partitioned when prepared, the other way.
+    partitioned_init = {"deepspeed_zero3.yaml": True, "deepspeed_zero3_offload.yaml": False}.get(launch_config)
+    launcher_args = ("--zero3_init_flag", "false") if partitioned_init is False else ()
     summary = run_llama(tmp_path / "run", "--checkpoint_every", "3", "--techniques.dump_params", "{}",
-                        launch_config=launch_config)
+                        launch_config=launch_config, launcher_args=launcher_args)
     assert summary["run"]["num_processes"] == world_size and summary["run"]["steps"] == 6
+    assert summary.get("model_built_partitioned") is partitioned_init
     losses = [line["train/loss"] for line in map(json.loads, (tmp_path / "run" / "metrics.jsonl").open())
               if "train/loss" in line]
     assert losses[-1] < losses[0] - 0.1, losses

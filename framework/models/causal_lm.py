@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from framework.errors import ConfigError
+from framework.nn.sharded import full_shape
 
 
 @dataclass
@@ -93,8 +94,9 @@ def flops_per_token(model: nn.Module, context_length: int) -> int | None:
         return None
     embedded = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     # matrices only: norms' scales and biases are elementwise work, no products
-    matmul = sum(p.numel() for p in model.parameters() if p.ndim >= 2 and id(p) not in embedded)
+    shapes = [(p, full_shape(p)) for p in model.parameters()]
+    matmul = sum(shape.numel() for p, shape in shapes if len(shape) >= 2 and id(p) not in embedded)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else getattr(model, "lm_head", None)
     if head is not None and id(head.weight) in embedded:  # tied: its weight was left out above, its product is not
-        matmul += head.weight.numel()
+        matmul += full_shape(head.weight).numel()
     return transformer_flops_per_token(matmul, layers, width, context_length)
