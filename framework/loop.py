@@ -7,29 +7,27 @@ import json
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from itertools import islice
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from framework.accumulation import MicroBatch, micro_batches, window_loss_scale
 from framework.backend import (build_model, deepspeed_summary, describe_backend, forget_unscaling, gradient_norm,
                                make_accelerator, num_machines, set_determinism, unscale_gradients_once,
-                               weights_finite, weights_swapped_in)
+                               weights_finite)
 from framework.checkpoint import LOCK, load_checkpoint, newest_healthy_checkpoint, save_checkpoint
 from framework.config import TrainerConfig, config_to_yaml, configured_techniques, flatten
-from framework.data.loaders import first_batches, shut_down_workers
-from framework.errors import ConfigError
+from framework.data.loaders import first_batches, shut_down_workers, to_channels_last
+from framework.evaluate_only import evaluate_saved_weights
 from framework.lr_finder import find_lr
-from framework.nn.sharded import is_partitioned
 from framework.nn.norm import frozen_running_statistics
+from framework.nn.sharded import is_partitioned
 from framework.optim import scale_learning_rates_
 from framework.preemption import PreemptionWatch, exit_with_launcher, stop_preempted
 from framework.run_dir import open_run_dir, resume
@@ -39,60 +37,6 @@ from framework.technique import Technique, check_techniques, hook_table
 from framework.techniques.lr_schedule import draw_lr_schedule, preview_lr
 from framework.tracking import (LogWindow, announce_start, batch_layout, finish_run, log_train_step, make_trackers,
                                 plain_output, start_tracking)
-
-
-def window_loss_scale(batch_in_epoch: int, batches_per_epoch: int, accumulation: int) -> float:
-    """The factor for one micro-batch's loss so that every optimizer step applies the mean over the micro-batches
-    it holds. accelerate divides every loss by k; the epoch's last window may hold only r < k micro-batches (its
-    step comes at the end of the data), so those are scaled by k / r, else that step would apply r/k of a mean."""
-    remainder = batches_per_epoch % accumulation
-    return accumulation / remainder if remainder and batch_in_epoch >= batches_per_epoch - remainder else 1.0
-
-
-@dataclass
-class MicroBatch:
-    """A micro-batch and its place in its accumulation window (the micro-batches of one optimizer step)."""
-
-    batch: Any
-    ends_window: bool
-    """The window's optimizer step follows this micro-batch."""
-    share: torch.Tensor | None = None
-    """When the task counts loss items: this micro-batch's items / the whole step's items over all ranks."""
-    window_size: int = 1
-    """Micro-batches in the window (k, or fewer in the epoch's last window)."""
-
-
-def micro_batches(batches: Iterable, first: int, per_epoch: int, accumulation: int, task: Task,
-                  accelerator: Accelerator) -> Iterator[MicroBatch]:
-    """The epoch's batches from position `first` on, each with its place in its window; windows end every
-    `accumulation` micro-batches and at the epoch's end.
-
-    When the task counts loss items (`Task.loss_items`), each window is read ahead, as the HF Trainer does, so that
-    every micro-batch's loss can be weighted by its share of the items of the whole step (one all-reduce per window,
-    on the device). Otherwise batches pass through one at a time, as the loader gives them."""
-    iterator = iter(batches)
-    position = first
-    for batch in iterator:
-        window_end = min(per_epoch, (position // accumulation + 1) * accumulation)
-        items = task.loss_items(batch)
-        if items is None:
-            position += 1
-            yield MicroBatch(batch, ends_window=position == window_end)
-            continue
-        window = [(batch, items)] + [(b, task.loss_items(b)) for b in islice(iterator, window_end - position - 1)]
-        # clamp: a step of padding only has no items; its micro-batches' losses are 0 and get weight 0
-        total = accelerator.reduce(torch.stack([n for _, n in window]).sum(), reduction="sum").clamp(min=1)
-        for index, (b, n) in enumerate(window):
-            yield MicroBatch(b, ends_window=index == len(window) - 1, share=n / total, window_size=len(window))
-        position += len(window)
-
-
-def to_channels_last(batch: Any) -> Any:
-    """A batch whose 4-D tensors (images) are in channels-last memory format, like the model's weights."""
-    if isinstance(batch, dict):
-        return {k: v.contiguous(memory_format=torch.channels_last) if torch.is_tensor(v) and v.dim() == 4 else v
-                for k, v in batch.items()}
-    return batch
 
 
 class Trainer:
@@ -209,7 +153,7 @@ class Trainer:
             accelerator.end_training()
             return result
         if config.evaluate_only:
-            return self.evaluate_saved_weights(state.output_dir / "model.safetensors")
+            return evaluate_saved_weights(self, state.output_dir / "model.safetensors")
         if self.resume_path is None and accelerator.is_main_process and any(
                 t.sets_learning_rate for t in self.techniques):
             # Drawn now, while the schedules are not yet bound to the optimizer; logged when tracking starts.
@@ -257,24 +201,6 @@ class Trainer:
         return finish_run(accelerator, state, results, setup, self._epochs_done(), seconds,
                           [t.name or type(t).__name__ for t in self.techniques], self.model_summary,
                           config.overfit_batches, hidden=LOCK)
-
-    def evaluate_saved_weights(self, path: Path) -> dict[str, float]:
-        """`--evaluate_only`: the validation and test metrics of the weights in `path` (a finished run's
-        model.safetensors), printed and written to output_dir/evaluation.json. Nothing is trained or deleted."""
-        if not path.is_file():
-            raise ConfigError(f"--evaluate_only true reads the weights of a finished run, but {path} does not exist: "
-                              "point --output_dir at a run directory that holds model.safetensors.")
-        results: dict[str, float] = {}
-        with weights_swapped_in(self.accelerator, self.state.model, load_file(path)):
-            for split in ("val", "test"):
-                if self.data[split] is not None:
-                    results.update(self.evaluate(self.data[split], split, hooks=False))
-        if self.accelerator.is_main_process:
-            (self.state.output_dir / "evaluation.json").write_text(
-                json.dumps({"weights": str(path), "metrics": results}, indent=2) + "\n")
-            print(f"evaluated {path}:\n" + "\n".join(f"{k:>18s} = {v:.4f}" for k, v in results.items()))
-        self.accelerator.end_training()
-        return results
 
     @torch.no_grad()
     def evaluate(self, loader: DataLoader, prefix: str = "val", hooks: bool = True) -> dict[str, float]:

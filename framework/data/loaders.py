@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
@@ -112,3 +113,11 @@ def first_batches(loader: DataLoader, batches: int) -> DataLoader:
     on_epoch = getattr(loader.sampler, "on_epoch", None)
     return DataLoader(Subset(loader.dataset, range(samples)), batch_size=loader.batch_size,
                       sampler=EpochSampler(samples, 0, shuffle=False, on_epoch=on_epoch), collate_fn=loader.collate_fn)
+
+
+def to_channels_last(batch: Any) -> Any:
+    """A batch whose 4-D tensors (images) are in channels-last memory format, like the model's weights."""
+    if isinstance(batch, dict):
+        return {k: v.contiguous(memory_format=torch.channels_last) if torch.is_tensor(v) and v.dim() == 4 else v
+                for k, v in batch.items()}
+    return batch
