@@ -13,14 +13,15 @@ from typing import Any, Optional
 
 import torch
 
-from framework.config import TrainerConfig, parse_config, run_main
+from framework.config import TrainerConfig, configured_techniques, parse_config, run_main
 from framework.data import ImageDataConfig, image_data
 from framework.loop import Trainer
 from framework.models import model_description
 from framework.models.resnet import ResNet
-from framework.models.vision import ImageModelConfig, build_torchvision_model, freeze, load_weights
+from framework.models.vision import ImageModelConfig, build_torchvision_model, freeze, frozen_names, load_weights
 from framework.optim import OptimizerConfig
 from framework.task import ClassificationTask
+from framework.techniques.freeze import FreezeUntil
 
 
 @dataclass
@@ -51,9 +52,13 @@ def main(args: list[str] | None = None) -> Trainer:
         config.model.name, config.model.in_channels, config.model.num_classes, config.model.small_input)
     # Weights loaded and parameters frozen before the optimizer and the accelerator (DDP, DeepSpeed) see the model.
     fresh = load_weights(model, config.model.weights) if config.model.weights else []
-    freeze(model, config.model.freeze)
+    techniques = configured_techniques(config)
+    if config.model.unfreeze_epoch is None:
+        freeze(model, config.model.freeze)
+    else:  # trainable from the start (DDP's reducer holds them), their gradients dropped until the epoch: first
+        techniques.insert(0, FreezeUntil(frozen_names(model, config.model.freeze), config.model.unfreeze_epoch))
     trainer = Trainer(config, model, config.optimizer.build(model), ClassificationTask(data.num_classes),
-                      data.loaders["train"], data.loaders["validation"], data.loaders["test"],
+                      data.loaders["train"], data.loaders["validation"], data.loaders["test"], techniques=techniques,
                       pictures={"augmentations": data.draw_augmentations} if config.data.augment else None,
                       # what `python -m framework.predict` needs beside the weights
                       inference_files={"model.json": model_description(model, config.model),

@@ -246,7 +246,7 @@ def test_nothing_matched_and_bad_arguments_are_refused():
     with pytest.raises(ConfigError, match="policy"):
         build_techniques({"gradient_checkpointing": {"policy": "half"}})
     state = TrainState(None, torch.nn.Sequential(torch.nn.Linear(2, 2)), None, None)
-    with pytest.raises(ConfigError, match=r"no module class ending in 'Block'.*0 \(Linear\)"):
+    with pytest.raises(ConfigError, match=r"repeats no block in a Sequential.*0 \(Linear\)"):
         GradientCheckpointing().before_prepare(state)
 
 

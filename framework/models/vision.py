@@ -35,7 +35,17 @@ class ImageModelConfig(ResNetConfig):
     """Fine-tune from a local .safetensors file or torchvision .pth state dict; a head of another class count stays
     freshly initialised."""
     freeze: list[str] = field(default_factory=list)
-    """fnmatch patterns of parameter names not to train (e.g. "conv1.*", "layer1.*"), frozen for the whole run."""
+    """fnmatch patterns of parameter names not to train (e.g. "conv1.*", "layer1.*"), frozen for the whole run
+    unless unfreeze_epoch is set."""
+    unfreeze_epoch: int | None = None
+    """The epoch (from 0) from which the `freeze` parameters train too; null: frozen for the whole run. Not under
+    DeepSpeed or FSDP (see framework/techniques/freeze.py)."""
+
+    def __post_init__(self) -> None:
+        if self.unfreeze_epoch is not None and (not self.freeze or isinstance(self.unfreeze_epoch, bool)
+                                                or self.unfreeze_epoch < 1):
+            raise ConfigError(f"model.unfreeze_epoch {self.unfreeze_epoch!r} needs model.freeze patterns and an "
+                              f"epoch ≥ 1 (epochs count from 0); set both, or leave unfreeze_epoch null.")
 
 
 def classification_models() -> list[str]:
@@ -136,18 +146,24 @@ def load_weights(model: nn.Module, path: str | Path) -> list[str]:
     return fresh
 
 
-def freeze(model: nn.Module, patterns: list[str]) -> list[str]:
-    """Set requires_grad False on the parameters whose names match any fnmatch pattern; returns their names. Done
-    before the optimizer and the accelerator see the model, so DDP and DeepSpeed leave them out too."""
-    frozen = [name for name, parameter in model.named_parameters()
+def frozen_names(model: nn.Module, patterns: list[str]) -> list[str]:
+    """The names of the parameters matching any fnmatch pattern; a pattern that matches none is refused."""
+    frozen = [name for name, _ in model.named_parameters()
               if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)]
     unused = [pattern for pattern in patterns if not any(fnmatch.fnmatchcase(n, pattern) for n in frozen)]
     if unused:
         names = [name for name, _ in model.named_parameters()]
         raise ConfigError(f"model.freeze: {unused} match no parameter name; names look like {names[:3]} ... "
                           f"{names[-2:]}.")
+    return frozen
+
+
+def freeze(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Set requires_grad False on the parameters whose names match any fnmatch pattern; returns their names. Done
+    before the optimizer and the accelerator see the model, so DDP and DeepSpeed leave them out too (for the whole
+    run: to unfreeze later, framework.techniques.freeze.FreezeUntil keeps them trainable and drops their gradients)."""
+    frozen = set(frozen_names(model, patterns))
     for name, parameter in model.named_parameters():
         if name in frozen:
             parameter.requires_grad_(False)
-    return frozen
-
+    return [name for name, _ in model.named_parameters() if name in frozen]

@@ -5,11 +5,14 @@ The kernel, its policies (``full``, ``every_k``, ``selective``) and how the wrap
 random ops and BatchNorm statistics right are in framework/nn/checkpointing.py (models use it too); this plug-in
 chooses the blocks from a config.
 
-Models of Hugging Face transformers work as they are: the default targets are the layers the model declares in
-`_no_split_modules` (its decoder layers), which are called with keyword arguments (attention mask, position
-embeddings, cache) that the wrap passes through. Their KV cache is turned off while training (`config.use_cache`), as
-transformers' own checkpointing does: a checkpointed layer that writes a cache would write it again when backward
-recomputes it, and training never reads it (it only holds every layer's keys and values alive).
+By default the blocks are found from the model (framework/nn/blocks.py): the layers a Hugging Face transformers
+model declares in `_no_split_modules`, else the modules repeated in its stage containers (a torchvision ResNet's
+BasicBlock / Bottleneck, ViT's EncoderBlock, ConvNeXt's CNBlock, EfficientNet's MBConv / FusedMBConv, MobileNet's
+InvertedResidual, Swin's SwinTransformerBlock, the reference models' blocks). A transformers model's layers are
+called with keyword arguments (attention mask, position embeddings, cache) that the wrap passes through. Their KV
+cache is turned off while training (`config.use_cache`), as transformers' own checkpointing does: a checkpointed
+layer that writes a cache would write it again when backward recomputes it, and training never reads it (it only
+holds every layer's keys and values alive).
 
 Hooks: ``before_prepare`` (wrap the raw model before DDP / DeepSpeed wrap it; turn off the KV cache), ``fit_end``
 (give the model its `use_cache` setting back, for generation after training).
@@ -22,19 +25,18 @@ from typing import Any, Literal
 from torch import nn
 
 from framework.errors import ConfigError
+from framework.nn.blocks import block_classes
 from framework.nn.checkpointing import check_policy, checkpoint_modules, describe_modules
 from framework.state import TrainState
 from framework.technique import Technique, register
 
 
 def default_targets(model: nn.Module) -> list[str]:
-    """The default targets, as class names. A transformers model declares its repeated layers (those that must stay
-    whole on one device) in `_no_split_modules`, e.g. `LlamaDecoderLayer`: those of them the model holds (it may
-    be a submodule of `model`). Without that declaration: the classes whose name ends with "Block" (the reference
-    GPT's `Block`, the ResNet's `BasicBlock`, timm's ViT `Block`). Nested matches are left to the outermost one."""
-    present = {type(m).__name__ for m in model.modules()}
-    declared = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
-    return sorted(declared & present) or sorted(name for name in present if name.endswith("Block"))
+    """The default targets, as class names: the repeated layers a transformers model declares in
+    `_no_split_modules` (e.g. `LlamaDecoderLayer`), else the blocks repeated in the model's stage containers
+    (`BasicBlock`, `Bottleneck`, `EncoderBlock`, `CNBlock`, `MBConv`, the reference GPT's `Block`; see
+    framework/nn/blocks.py). Nested matches are left to the outermost one."""
+    return [kind.__name__ for kind in block_classes(model)]
 
 
 def disable_kv_cache(model: nn.Module) -> list[Any]:
@@ -56,7 +58,7 @@ class GradientCheckpointing(Technique):
     Args:
         modules: class names (`Block`, `BasicBlock`) or fnmatch patterns on module names (`blocks.*`). Empty (the
             default): the layers a transformers model declares in `_no_split_modules` (its decoder layers), else
-            every module whose class name ends with "Block", the repeated blocks of the reference models.
+            the blocks repeated in the model's stage containers (torchvision's and the reference models' blocks).
         policy: "full" (recompute every block), "every_k" (every k-th block: half the saving and half the cost at
             k=2), or "selective" (keep matmul outputs, recompute the cheap ops: most of the time back).
         every_k: k for "every_k".
@@ -76,8 +78,8 @@ class GradientCheckpointing(Technique):
         targets = self.modules or default_targets(model)
         if not targets:
             raise ConfigError(f"gradient_checkpointing: {type(model).__name__} declares no `_no_split_modules` and "
-                              f"has no module class ending in 'Block' to checkpoint by default; list the modules to "
-                              f"wrap in `modules` ({describe_modules(model)}).")
+                              f"repeats no block in a Sequential / ModuleList to checkpoint by default; list the "
+                              f"modules to wrap in `modules` ({describe_modules(model)}).")
         self.wrapped = checkpoint_modules(model, targets, self.policy, self.every_k)
         self._cache_configs += disable_kv_cache(model)  # (a second call finds them off already)
         state.summary["gradient_checkpointing"] = {"policy": self.policy, "every_k": self.every_k,

@@ -16,41 +16,44 @@ import torch
 from torch import nn
 
 from framework.errors import ConfigError, require
+from framework.nn.blocks import find_blocks
 from framework.state import TrainState
 from framework.technique import Technique, register
 
 
-def block_container(model: nn.Module, path: str | None = None) -> nn.Module | None:
-    """The model's sequence of blocks: `path` (e.g. "blocks"), or else the largest Sequential / ModuleList made of
-    two or more blocks of one class (a ResNet's residual blocks, a transformer's layers)."""
+def model_blocks(model: nn.Module, path: str | None = None) -> list[nn.Module]:
+    """The model's blocks, input to output: the children of the container at `path` (e.g. "blocks",
+    "encoder.layers"), or else the blocks framework/nn/blocks.py finds: the layers a transformers model declares,
+    or the modules repeated in its stage containers, across all stages (a torchvision ResNet's 8 BasicBlocks of
+    layer1-4, ConvNeXt's and EfficientNet's blocks of every `features` stage, ViT's encoder layers)."""
     if path is not None:
-        return model.get_submodule(path)
-
-    def repeated_blocks(container: nn.Module) -> bool:
-        kinds = [type(child) for child in container.children() if any(True for _ in child.parameters())]
-        return len(kinds) >= 2 and len(set(kinds)) == 1
-
-    candidates = [m for m in model.modules() if isinstance(m, (nn.Sequential, nn.ModuleList)) and repeated_blocks(m)]
-    return max(candidates, key=lambda m: sum(p.numel() for p in m.parameters()), default=None)
+        return list(model.get_submodule(path).children())
+    return [block for _, block in find_blocks(model)]
 
 
 def parameter_depths(model: nn.Module, blocks: str | None = None) -> tuple[dict[str, int], int]:
-    """Depth of every parameter: 0 before the blocks (stem), i + 1 in block i, n + 1 after them (head). Also n + 2,
+    """Depth of every parameter: 0 before the first block (stem), i + 1 in block i, n + 1 after the last (head).
+    Parameters between two blocks (a downsampling layer between stages) go with the block they feed. Also n + 2,
     the number of depths."""
-    container = block_container(model, blocks)
-    owner = {}
-    if container is not None:
-        for index, child in enumerate(container.children()):
-            for parameter in child.parameters():
-                owner[id(parameter)] = index + 1
-    count = len(list(container.children())) if container is not None else 0
-    depths, seen_blocks = {}, False
+    found = model_blocks(model, blocks)
+    owner = {id(parameter): index + 1 for index, block in enumerate(found) for parameter in block.parameters()}
+    depths: dict[str, int] = {}
+    pending: list[str] = []  # parameters after some block whose depth is that of the next block (or the head)
+    seen_blocks = False
     for name, parameter in model.named_parameters():
         if id(parameter) in owner:
-            depths[name], seen_blocks = owner[id(parameter)], True
+            depth = owner[id(parameter)]
+            for waiting in pending:
+                depths[waiting] = depth
+            pending, seen_blocks = [], True
+            depths[name] = depth
+        elif seen_blocks:
+            pending.append(name)
         else:
-            depths[name] = count + 1 if seen_blocks else 0
-    return depths, count + 2
+            depths[name] = 0
+    for waiting in pending:
+        depths[waiting] = len(found) + 1
+    return depths, len(found) + 2
 
 
 def parameter_groups(model: nn.Module, lr: float, weight_decay: float | Callable[[torch.Tensor], float],
@@ -85,7 +88,8 @@ class LayerwiseLR(Technique):
     Args:
         lr_multipliers: {fnmatch pattern: LR multiplier}, first match wins, e.g. {"head.*": 10.0}.
         layer_decay: each block below the top trains with this factor less LR (e.g. 0.75); null: no decay.
-        blocks: the attribute path of the model's block sequence (default: found automatically).
+        blocks: the attribute path of the model's block sequence (default: found from the model, across all its
+            stages; see framework/nn/blocks.py).
     """
 
     example_args = {"layer_decay": 0.75}
