@@ -101,6 +101,24 @@ def test_logits_and_gradients_equal_eager_and_sdpa(models, padding):
                                        msg=lambda m, name=name: f"grad of {name} vs {reference}: {m}")
 
 
+@pytest.mark.parametrize("padding", ["none", "right"])
+def test_under_bf16_autocast_it_trains_like_sdpa(models, padding):
+    """Under autocast Llama's RoPE leaves query and key in fp32 while the value comes out of its projection in bf16;
+    SDPA casts all three to the autocast dtype, and so must framework_chunked (it once failed in backward with
+    "Expected out tensor to have dtype c10::BFloat16, but got float": the bf16 recipe and the GPU script's run)."""
+    results = {}
+    for name in ("sdpa", NAME):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results[name] = logits_and_grads(models[name], padding)
+    (logits, grads), (chunked_logits, chunked_grads) = results["sdpa"], results[NAME]
+    assert chunked_logits.dtype == logits.dtype == torch.bfloat16  # the attention ran in bf16, as SDPA's did
+    # bf16 rounding sets the tolerance: logits differ by ≤ 0.004 here, as much as sdpa and eager differ from each
+    # other; gradients by ≤ 1.3% of each parameter's largest
+    torch.testing.assert_close(chunked_logits.float(), logits.float(), rtol=0, atol=0.01)
+    for name, grad in grads.items():
+        assert (chunked_grads[name] - grad).abs().max() <= 0.03 * grad.abs().max(), name
+
+
 def test_padding_changes_the_result(models):
     """Guards the comparison above: with the mask dropped, the real positions' logits differ (so a kernel that ignored
     padding, as transformers' default for an implementation without a registered mask builder, would fail)."""

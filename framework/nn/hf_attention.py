@@ -78,6 +78,11 @@ def framework_chunked_attention(module: torch.nn.Module, query: Tensor, key: Ten
         raise ConfigError(f"attn_implementation={NAME!r} has no attention dropout, but this model is training with "
                           f"dropout={dropout}; set the model config's attention dropout (Llama: attention_dropout) to "
                           f"0.0, or use attn_implementation='sdpa' or 'eager'.")
+    if torch.is_autocast_enabled(query.device.type):
+        # As SDPA does under autocast: RoPE leaves query and key in fp32 while the value comes out of its projection
+        # in the autocast dtype, and the kernel's products need one dtype.
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:  # GQA: each key/value head serves `groups` query heads, as transformers' `repeat_kv` lays them out
         key, value = (_repeat_heads(t, groups) for t in (key, value))
