@@ -35,7 +35,9 @@ def tiny_classification_data(n: int = 32, features: int = 4, classes: int = 3, s
 
 
 def launch_environment(env: dict[str, str] | None = None) -> dict[str, str]:
-    environment = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT), **(env or {})}
+    # The repository first; a PYTHONPATH already set stays behind it (the GPU check's wheels live on one).
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    environment = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": path, **(env or {})}
     environment.pop("WORLD_SIZE", None)
     return environment
 
