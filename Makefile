@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # torch first (from the local wheel cache), deepspeed after it: deepspeed's sdist imports torch when it builds.
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: train test bench setup clean
+.PHONY: train test bench ablate setup clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,11 @@ test: $(STAMP)
 # Every benchmark side by side (~15 minutes on 2 cores); the table goes to benchmarks/results/summary.md.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
+
+# Which techniques help: baseline vs one technique added, 5 seeds each, fresh processes (~26 min planned on 2 quiet
+# cores); tables in benchmarks/results/ablation.md, the figure in ablation.png. `ABLATE_ARGS=--smoke`: a minute.
+ablate: $(STAMP)
+	$(BIN)/python benchmarks/ablation.py $(ABLATE_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs wandb

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from framework.data.augment import eval_pipeline, make_augmentation, train_pipeline
 from framework.data.loaders import make_loader
-from framework.data.sources import check_sizes, find_column, load_source, make_splits
+from framework.data.sources import check_sizes, find_column, load_source, make_splits, per_class_subset
 from framework.errors import ConfigError
 
 
@@ -52,6 +52,9 @@ class ImageDataConfig:
     """Used only for the splits the source does not have."""
     split_seed: int = 0
     """Seed of the stratified split (fixed, independent of the training seed)."""
+    train_per_class: int | None = None
+    """Train on only this many images of each class: a stratified subsample of the training split drawn with
+    split_seed (a low-data regime; validation and test stay whole). None: the whole training split."""
     batch_size: int = 64
     """Per-process batch size (the global batch is batch_size × processes × gradient_accumulation_steps)."""
     eval_batch_size: int = 256
@@ -65,7 +68,8 @@ class ImageDataConfig:
     def __post_init__(self):
         check_sizes("data", self.val_fraction, self.test_fraction,
                     {"image_size": self.image_size, "batch_size": self.batch_size,
-                     "eval_batch_size": self.eval_batch_size, "prefetch_factor": self.prefetch_factor},
+                     "eval_batch_size": self.eval_batch_size, "prefetch_factor": self.prefetch_factor,
+                     "train_per_class": self.train_per_class},
                     {"num_workers": self.num_workers})
         if not 0 < self.eval_crop_fraction <= 1:
             raise ConfigError(f"data.eval_crop_fraction must be in (0, 1], got {self.eval_crop_fraction}.")
@@ -237,6 +241,8 @@ def image_data(config: ImageDataConfig, seed: int = 0) -> ImageData:
                       f"({len(splits[split])} left): {names}{more}", stacklevel=2)
         if len(splits[split]) == 0:
             raise ConfigError(f"every image of the {split} split is unreadable ({names}{more}): check data.name.")
+    if config.train_per_class is not None:  # after the unreadable images are gone, so every class gets exactly N
+        splits["train"] = per_class_subset(splits["train"], config.train_per_class, config.split_seed, label_column)
     mode = config.image_mode or _mode_of(splits["train"][0][image_column])
     mean, std = cached_channel_stats(splits["train"], image_column, mode)
 

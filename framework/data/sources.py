@@ -14,6 +14,7 @@ import glob
 from pathlib import Path
 
 import datasets
+import numpy as np
 
 from framework.data.embedded import EMBEDDED
 from framework.errors import ConfigError
@@ -109,6 +110,30 @@ def make_splits(loaded: datasets.DatasetDict, val_fraction: float, test_fraction
     if any(len(split) == 0 for split in splits.values()):
         raise ConfigError(f"a split is empty ({ {k: len(v) for k, v in splits.items()} }): check data.name.")
     return splits
+
+
+def per_class_subset(dataset: datasets.Dataset, per_class: int, seed: int, label_column: str,
+                     option: str = "data.train_per_class") -> datasets.Dataset:
+    """`per_class` samples of every class of `dataset`, drawn without replacement by a numpy Generator seeded with
+    `seed` (a low-data regime carved from a bigger split). The rows keep the split's order, so the result depends on
+    (dataset, per_class, seed) only."""
+    if per_class < 1:
+        raise ConfigError(f"{option} must be at least 1, got {per_class}: pass e.g. --{option} 10 (images per class).")
+    labels = np.asarray(dataset[label_column])
+    feature = dataset.features[label_column]
+    if isinstance(feature, datasets.ClassLabel):  # a class with no training image at all counts as short too
+        names, counts = feature.names, np.bincount(labels, minlength=feature.num_classes)
+        classes = np.arange(feature.num_classes)
+    else:
+        classes, counts = np.unique(labels, return_counts=True)
+        names = None
+    short = {(names[c] if names else c.item()): int(n) for c, n in zip(classes, counts) if n < per_class}
+    if short:
+        raise ConfigError(f"{option} {per_class}: the training split has fewer images than that in class(es) "
+                          f"{short} (class: images). Pass --{option} {int(counts.min())} or fewer.")
+    generator = np.random.default_rng(seed)
+    chosen = [generator.choice(np.flatnonzero(labels == c), per_class, replace=False) for c in classes]
+    return dataset.select(np.sort(np.concatenate(chosen)))
 
 
 def _split(dataset: datasets.Dataset, fraction: float, seed: int, stratify_column: str | None):
