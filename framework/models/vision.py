@@ -162,8 +162,8 @@ def freeze(model: nn.Module, patterns: list[str]) -> list[str]:
     """Set requires_grad False on the parameters whose names match any fnmatch pattern; returns their names. Done
     before the optimizer and the accelerator see the model, so DDP and DeepSpeed leave them out too (for the whole
     run: to unfreeze later, framework.techniques.freeze.FreezeUntil keeps them trainable and drops their gradients)."""
-    frozen = set(frozen_names(model, patterns))
-    for name, parameter in model.named_parameters():
-        if name in frozen:
-            parameter.requires_grad_(False)
-    return [name for name, _ in model.named_parameters() if name in frozen]
+    frozen = frozen_names(model, patterns)
+    parameters = dict(model.named_parameters())
+    for name in frozen:
+        parameters[name].requires_grad_(False)
+    return frozen
