@@ -3,6 +3,7 @@ The loop consumes these; they hold no state of their own, so a resumed run rebui
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -33,6 +34,29 @@ class MicroBatch:
     """When the task counts loss items: this micro-batch's items / the whole step's items over all ranks."""
     window_size: int = 1
     """Micro-batches in the window (k, or fewer in the epoch's last window)."""
+
+    def loss_scale(self, batch_in_epoch: int, batches_per_epoch: int, accumulation: int, processes: int
+                   ) -> float | torch.Tensor:
+        """The factor of this micro-batch's loss in backward. A mean over equal-weight samples: each micro-batch
+        weighs alike (`window_loss_scale`). Counted items: its share of the step's items, times k and the ranks,
+        which accelerate / DDP divide by."""
+        if self.share is None:
+            return window_loss_scale(batch_in_epoch, batches_per_epoch, accumulation)
+        return self.share * (accumulation * processes)
+
+    def logged_loss(self, loss: torch.Tensor, processes: int) -> torch.Tensor:
+        """The value train/loss averages: the window's mean over micro-batches and ranks, weighted by their shares of
+        the step's items, is then the step's plain mean over its items."""
+        return loss if self.share is None else loss * (self.share * self.window_size * processes)
+
+    def sync_context(self, accelerator: Accelerator, model: torch.nn.Module) -> contextlib.AbstractContextManager:
+        """The gradient-sync context of this micro-batch. accelerate's `accumulate` counts the window itself and
+        ends one early at the end of the data; a read-ahead window has already reached the end of the data when its
+        first micro-batch runs, so it says where the window ends instead (as the HF Trainer does)."""
+        if self.share is None:
+            return accelerator.accumulate(model)
+        accelerator.sync_gradients = self.ends_window  # the optimizer steps (and DeepSpeed's boundary) only then
+        return contextlib.nullcontext() if self.ends_window else accelerator.no_sync(model)
 
 
 def micro_batches(batches: Iterable, first: int, per_epoch: int, accumulation: int, task: Task,

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,15 +15,16 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from framework.accumulation import MicroBatch, micro_batches, window_loss_scale
+from framework.accumulation import micro_batches
 from framework.backend import (build_model, deepspeed_summary, describe_backend, forget_unscaling, gradient_norm,
-                               make_accelerator, num_machines, set_determinism, unscale_gradients_once,
-                               weights_finite)
+                               local_weights_finite, make_accelerator, num_machines, set_determinism,
+                               unscale_gradients_once, weights_finite)
 from framework.checkpoint import LOCK, load_checkpoint, newest_healthy_checkpoint, save_checkpoint
 from framework.config import TrainerConfig, config_to_yaml, configured_techniques, flatten
 from framework.data.loaders import first_batches, shut_down_workers, to_channels_last
-from framework.evaluate_only import evaluate_saved_weights
-from framework.lr_finder import find_lr
+from framework.data.streaming import batches_per_epoch
+from framework.evaluation import evaluate_model
+from framework.modes import mode_instead_of_training
 from framework.nn.norm import frozen_running_statistics
 from framework.nn.sharded import is_partitioned
 from framework.optim import scale_learning_rates_
@@ -34,7 +33,7 @@ from framework.run_dir import open_run_dir, resume
 from framework.state import TrainState
 from framework.task import Task
 from framework.technique import Technique, check_techniques, hook_table
-from framework.techniques.lr_schedule import draw_lr_schedule, preview_lr
+from framework.techniques.lr_schedule import draw_schedule_at_start
 from framework.tracking import (LogWindow, announce_start, batch_layout, finish_run, log_train_step, make_trackers,
                                 plain_output, start_tracking)
 
@@ -113,7 +112,7 @@ class Trainer:
         self._hooks = hook_table(self.techniques)
         self._step_owner = next((t for t in self.techniques if t.owns_optimizer_step), None)
         self._last_checkpoint_step = -1
-        self._preemption: PreemptionWatch | None = None
+        self._finite_at = (-1, True)  # (step, every rank's weights finite), read with that step's log line
         self.model_summary: dict[str, Any] | None = None
 
     # --- the public entry points --------------------------------------------------------------------------------
@@ -143,25 +142,23 @@ class Trainer:
             if self.data[split] is not None:
                 self.data[split] = accelerator.prepare(self.data[split])
         state.train_data = self.data["train"]
-        state.steps_per_epoch = math.ceil(len(self.data["train"]) / config.gradient_accumulation_steps)
+        state.steps_per_epoch = math.ceil(batches_per_epoch(self.data["train"], config.max_steps,
+                                                            config.gradient_accumulation_steps)
+                                          / config.gradient_accumulation_steps)
         state.max_steps = config.max_steps or config.epochs * state.steps_per_epoch
         state.validates = self.data["val"] is not None and config.eval_every > 0
-        if config.preview_lr:
-            return preview_lr(self)
-        if config.find_lr:
-            result = find_lr(self)
-            accelerator.end_training()
-            return result
-        if config.evaluate_only:
-            return evaluate_saved_weights(self, state.output_dir / "model.safetensors")
-        if self.resume_path is None and accelerator.is_main_process and any(
-                t.sets_learning_rate for t in self.techniques):
-            # Drawn now, while the schedules are not yet bound to the optimizer; logged when tracking starts.
-            draw_lr_schedule(self.techniques, state.optimizer, state.steps_per_epoch, state.max_steps,
-                             state.output_dir / "lr_schedule.png")
-            self.pictures.setdefault("lr_schedule", lambda path: None)  # already at output_dir/lr_schedule.png
+        mode = mode_instead_of_training(self)  # --preview_lr, --find_lr, --evaluate_only
+        if mode is not None:
+            return mode()
+        if self.resume_path is None:
+            draw_schedule_at_start(self)
         self._call("fit_start")
-        self._checkpointed = [state, *[t for t in self.techniques if t.has_state]]
+        # What each checkpoint records, whether the weights are finite, rides in the log line's one read, so the
+        # checkpoints written right after a log line (the last step's, most epoch ends) need no host sync.
+        state.read_with_log_line(lambda: local_weights_finite(accelerator, state.model), self._note_weights_finite)
+        # A streamed training split's position (every rank's) travels with the checkpoint too.
+        self._checkpointed = [state, *[t for t in self.techniques if t.has_state],
+                              *[d for d in [self.data["train"]] if getattr(d, "restores_position", False)]]
         accelerator.register_for_checkpointing(*self._checkpointed)
         if self.resume_path is not None:
             resume(accelerator, self.run, state, self._checkpointed, self._lr_schedulers(),
@@ -174,13 +171,9 @@ class Trainer:
                                             self.batch, state.steps_per_epoch, state.max_steps, config.tracker,
                                             state.output_dir)
 
-        self._preemption = PreemptionWatch(accelerator.num_processes > 1) if config.handle_preemption else None
-        try:
-            with torch.autograd.set_detect_anomaly(config.detect_anomaly):
-                self._train()
-        finally:
-            if self._preemption is not None:
-                self._preemption.close()
+        with PreemptionWatch(accelerator.num_processes > 1, enabled=config.handle_preemption) as preemption, \
+                torch.autograd.set_detect_anomaly(config.detect_anomaly):
+            self._train(preemption)
         if state.preempted:
             return stop_preempted(accelerator, state.step)
 
@@ -202,30 +195,18 @@ class Trainer:
                           [t.name or type(t).__name__ for t in self.techniques], self.model_summary,
                           config.overfit_batches, hidden=LOCK)
 
-    @torch.no_grad()
     def evaluate(self, loader: DataLoader, prefix: str = "val", hooks: bool = True) -> dict[str, float]:
         """Metrics of the model on `loader`, computed over all ranks' samples (each counted once). `hooks=False`
         evaluates the weights the model holds, without the eval_start / eval_end hooks (EMA's swap)."""
-        state = self.state
         if hooks:
             self._call("eval_start")
-        state.model.eval()
-        collected: dict[str, list[torch.Tensor]] = defaultdict(list)
-        for batch in loader:
-            if self.config.channels_last:
-                batch = to_channels_last(batch)
-            outputs = self.task.forward(state.model, batch)
-            per_sample = self.accelerator.gather_for_metrics(self.task.eval_outputs(outputs, batch))
-            for name, values in per_sample.items():
-                collected[name].append(values)
-        metrics = self.task.compute_metrics({name: torch.cat(values) for name, values in collected.items()})
-        state.model.train()
+        metrics = evaluate_model(self.accelerator, self.state.model, self.task, loader, self.config.channels_last)
         if hooks:
             self._call("eval_end")
         return {f"{prefix}/{name}": value for name, value in metrics.items()}
 
     # --- the loop ---------------------------------------------------------------------------------------------
-    def _train(self) -> None:
+    def _train(self, preemption: PreemptionWatch) -> None:
         accelerator, config, state, task = self.accelerator, self.config, self.state, self.task
         hooks = self._hooks
         progress = tqdm(total=state.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
@@ -237,7 +218,8 @@ class Trainer:
             loader = self.data["train"]
             batches = len(loader)  # micro-batches per epoch on this rank
             loader.set_epoch(state.epoch)
-            if state.batch_in_epoch:  # resuming mid-epoch: continue after the batches already consumed
+            # Resuming mid-epoch: continue after the batches already consumed (a stream restores its own position).
+            if state.batch_in_epoch and not getattr(loader, "restores_position", False):
                 loader = accelerator.skip_first_batches(loader, state.batch_in_epoch)
             window.wait_for_data()
             for micro in micro_batches(loader, state.batch_in_epoch, batches, config.gradient_accumulation_steps,
@@ -253,15 +235,13 @@ class Trainer:
                     stepped = True
                     self._end_step()
                 else:
-                    with self._accumulate(micro):
+                    with micro.sync_context(accelerator, state.model):
                         outputs = task.forward(state.model, batch)
                         loss = task.loss(outputs, batch)
                         for hook in hooks["on_loss"]:
                             loss = hook(state, loss, batch, outputs)
-                        if micro.share is None:  # a mean over equal-weight samples: each micro-batch weighs alike
-                            scale = window_loss_scale(state.batch_in_epoch, batches, config.gradient_accumulation_steps)
-                        else:  # its share of the step's items, times k and the ranks, which accelerate / DDP divide by
-                            scale = micro.share * (config.gradient_accumulation_steps * accelerator.num_processes)
+                        scale = micro.loss_scale(state.batch_in_epoch, batches, config.gradient_accumulation_steps,
+                                                 accelerator.num_processes)
                         accelerator.backward(loss if isinstance(scale, float) and scale == 1 else loss * scale)
                         self._call("after_backward")
                         stepped = accelerator.sync_gradients and self._optimizer_step(batch, scale)
@@ -273,15 +253,11 @@ class Trainer:
                     progress.n = state.step
                     break
                 state.batch_in_epoch += 1
-                batch_samples = task.batch_size(batch) * accelerator.num_processes
-                batch_tokens = task.batch_tokens(batch) * accelerator.num_processes
-                state.samples_seen += batch_samples
-                state.tokens_seen += batch_tokens
-                # train/loss is the window's mean over micro-batches and ranks; weighted by their shares of the
-                # step's items, that mean is the step's plain mean over its items.
-                logged = loss if micro.share is None else loss * (micro.share * micro.window_size
-                                                                  * accelerator.num_processes)
-                window.add(logged, batch_samples, batch_tokens, task.train_metrics(outputs, batch))
+                samples = task.batch_size(batch) * accelerator.num_processes
+                tokens = task.batch_tokens(batch) * accelerator.num_processes
+                state.samples_seen, state.tokens_seen = state.samples_seen + samples, state.tokens_seen + tokens
+                window.add(micro.logged_loss(loss, accelerator.num_processes), samples, tokens,
+                           task.train_metrics(outputs, batch))
                 for hook in hooks["batch_end"]:
                     hook(state, {"loss": loss.detach(), **state.logs})
                 if not stepped:
@@ -292,7 +268,7 @@ class Trainer:
                     state.logs.clear()  # values logged between log lines: the latest one is written
                 if config.checkpoint_every and state.step % config.checkpoint_every == 0:
                     self._checkpoint()
-                if self._preemption is not None and self._preemption.requested():
+                if preemption.requested():
                     state.preempted = state.should_stop = True  # every rank, after this same step
                 if state.step >= state.max_steps or state.should_stop:
                     break
@@ -311,16 +287,6 @@ class Trainer:
         if self.data["val"] is not None and state.eval_step != state.step and not state.preempted:
             self._evaluate_and_log()  # stopped mid-epoch: still report validation metrics for the final weights
         self._checkpoint()
-
-    def _accumulate(self, micro: MicroBatch) -> contextlib.AbstractContextManager:
-        """The gradient-sync context of one micro-batch. accelerate's `accumulate` counts the window itself and ends
-        one early at the end of the data; a read-ahead window has already reached the end of the data when its first
-        micro-batch runs, so it says where the window ends instead (as the HF Trainer does)."""
-        accelerator = self.accelerator
-        if micro.share is None:
-            return accelerator.accumulate(self.state.model)
-        accelerator.sync_gradients = micro.ends_window  # the optimizer steps (and DeepSpeed's boundary) only then
-        return contextlib.nullcontext() if micro.ends_window else accelerator.no_sync(self.state.model)
 
     def _optimizer_step(self, batch: Any, loss_scale: float | torch.Tensor = 1.0) -> bool:
         """Between backward and zero_grad when gradients are synchronised: the hooks around the optimizer step.
@@ -403,6 +369,7 @@ class Trainer:
             return None
         load_checkpoint(self.accelerator, checkpoint, state.model, self._checkpointed, state.optimizer)
         self._last_checkpoint_step = state.step  # that step is saved; the steps taken again are saved afresh
+        self._finite_at = (-1, True)  # the weights read at a step with this number are gone
         scale_learning_rates_(state.optimizer, self._lr_schedulers(), lr_factor)
         state.rolled_back = True
         return checkpoint
@@ -423,10 +390,16 @@ class Trainer:
             tqdm.write(f"epoch {round(self._epochs_done(), 2):g} step {self.state.step}: "
                        + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
+    def _note_weights_finite(self, per_rank: list[list[float]]) -> None:
+        self._finite_at = (self.state.step, min(map(min, per_rank)) > 0)
+
     def _checkpoint(self) -> None:
         if self._last_checkpoint_step == self.state.step:
             return
+        step, finite = self._finite_at
+        if step != self.state.step:
+            finite = weights_finite(self.accelerator, self.state.model)
         save_checkpoint(self.accelerator, self.config.output_dir, self.state.step, self.config.keep_checkpoints,
-                        self.backend, finite=weights_finite(self.accelerator, self.state.model),
+                        self.backend, finite=finite,
                         files={"config.yaml": config_to_yaml(self.config)})
         self._last_checkpoint_step = self.state.step

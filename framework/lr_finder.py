@@ -94,5 +94,6 @@ def find_lr(trainer: Any, start_lr: float = 1e-6, end_lr: float = 10.0, steps: i
         path = plot_lr_finder(tried, losses, smoothed, suggestions, state.output_dir / "lr_finder.png")
         print(f"LR finder: steepest descent at {suggestions['steepest']:.2e}, minimum/10 at "
               f"{suggestions['minimum_over_10']:.2e} ({len(losses)} steps); wrote {path}")
+    accelerator.end_training()
     return result
 

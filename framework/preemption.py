@@ -144,12 +144,15 @@ class PreemptionWatch:
     SIGINT raises KeyboardInterrupt (abort, no checkpoint).
     """
 
-    def __init__(self, distributed: bool):
+    def __init__(self, distributed: bool, enabled: bool = True):
         self.received: int | None = None
+        self.enabled = enabled  # False (--handle_preemption false): no handlers, never requested
+        self.previous = {}
+        if not enabled:
+            return
         # A CPU group for the flag, so the check never waits on the GPU (under NCCL the default group is on it).
         self.group = dist.new_group(backend="gloo") if distributed and dist.is_initialized() else None
         self.flag = torch.zeros(1, dtype=torch.int32)
-        self.previous = {}
         if threading.current_thread() is threading.main_thread():  # Python allows handlers in the main thread only
             self.previous = {sig: signal.signal(sig, self._receive) for sig in STOP_SIGNALS}
         exit_with_launcher()  # the launcher's death: SIGTERM, caught just above
@@ -171,6 +174,8 @@ class PreemptionWatch:
                 pass
 
     def requested(self) -> bool:
+        if not self.enabled:
+            return False
         if self.group is None:
             return self.received is not None
         self.flag.fill_(self.received is not None)
@@ -181,3 +186,9 @@ class PreemptionWatch:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         self.previous = {}
+
+    def __enter__(self) -> PreemptionWatch:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

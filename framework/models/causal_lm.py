@@ -8,7 +8,6 @@ Nothing is downloaded: `pretrained` is a local directory (or a hub id already in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch

@@ -148,6 +148,16 @@ def draw_lr_schedule(techniques: list[Technique], optimizer: torch.optim.Optimiz
     return curves
 
 
+def draw_schedule_at_start(trainer: Any) -> None:
+    """A new run's schedule, drawn to output_dir/lr_schedule.png (on the main process, when a technique sets the LR)
+    and logged with the run's pictures. Drawn before `fit_start`, while the schedules are not yet bound."""
+    state = trainer.state
+    if trainer.accelerator.is_main_process and any(t.sets_learning_rate for t in trainer.techniques):
+        draw_lr_schedule(trainer.techniques, state.optimizer, state.steps_per_epoch, state.max_steps,
+                         state.output_dir / "lr_schedule.png")
+        trainer.pictures.setdefault("lr_schedule", lambda path: None)  # already at output_dir/lr_schedule.png
+
+
 def preview_lr(trainer: Any) -> dict[str, Any]:
     """`--preview_lr`: draw the LR every schedule technique gives each step of the prepared `trainer`'s run (first
     parameter group) to output_dir/lr_schedule.png; nothing is trained."""

@@ -1,16 +1,32 @@
-"""`--evaluate_only`: a mode of the Trainer that trains nothing (like `--preview_lr` and `--find_lr`): the metrics of
-a finished run's saved weights, on the run's own validation and test data, through the launched backend."""
+"""The Trainer's modes that train nothing: `--preview_lr` (the schedules drawn), `--find_lr` (the LR range test) and
+`--evaluate_only` (a finished run's saved weights evaluated on the run's own validation and test data, through the
+launched backend)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from safetensors.torch import load_file
 
 from framework.backend import weights_swapped_in
 from framework.errors import ConfigError
+from framework.lr_finder import find_lr
+from framework.techniques.lr_schedule import preview_lr
+
+
+def mode_instead_of_training(trainer: Any) -> Callable[[], dict[str, Any]] | None:
+    """The mode the config asks for in place of training (called once the model and data are prepared), or None."""
+    config = trainer.config
+    if config.preview_lr:
+        return lambda: preview_lr(trainer)
+    if config.find_lr:
+        return lambda: find_lr(trainer)
+    if config.evaluate_only:
+        return lambda: evaluate_saved_weights(trainer, trainer.state.output_dir / "model.safetensors")
+    return None
 
 
 def evaluate_saved_weights(trainer: Any, path: Path) -> dict[str, float]:
