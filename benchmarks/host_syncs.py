@@ -1,8 +1,8 @@
 """Host synchronisation audit: how often does the loop make the host wait for the device? Every call of
 `Tensor.item`, `.tolist`, `.numpy`, `float(t)`, `int(t)`, `bool(t)` (and `if t:`) and `t.__index__` during training is
 counted, with the line that made it, while the framework's Trainer trains for `--steps` steps at the default logging
-interval (`TrainerConfig.log_every`, 50), with no techniques and with the default technique set (the doctor), and at
-`log_every` 10.
+interval (`TrainerConfig.log_every`, 50), with no techniques and with the default technique set (the doctor, whose
+values ride in the log line's one read: `TrainState.read_with_log_line`), and at `log_every` 10.
 
 Not counted: `torch.optim`'s own `.item()` on Adam's step counter, a CPU scalar unless `capturable=True`, and
 `torch.utils.data`'s `.item()` on the CPU generator that seeds each epoch's workers: neither ever waits for a GPU,

@@ -268,11 +268,15 @@ def weights_swapped_in(accelerator: Accelerator, model: torch.nn.Module,
                 gathered[0].partition(param_list=gathered)
 
 
-def weights_finite(accelerator: Accelerator, model: torch.nn.Module) -> bool:
-    """True when every weight is finite on every rank (ZeRO-3: each rank checks its shards). One host read."""
+def local_weights_finite(accelerator: Accelerator, model: torch.nn.Module) -> torch.Tensor:
+    """1.0 when every weight this rank holds is finite (ZeRO-3: its shards), else 0.0: one value on the device."""
     local = [getattr(p, "ds_tensor", p).detach() for p in accelerator.unwrap_model(model).parameters()]
-    flag = torch.stack([torch.isfinite(t).all() for t in local]).all().float().reshape(1).to(accelerator.device)
-    return bool(accelerator.gather(flag).min().item())
+    return torch.stack([torch.isfinite(t).all() for t in local]).all().float().reshape(1).to(accelerator.device)
+
+
+def weights_finite(accelerator: Accelerator, model: torch.nn.Module) -> bool:
+    """True when every weight is finite on every rank. One host read."""
+    return bool(accelerator.gather(local_weights_finite(accelerator, model)).min().item())
 
 
 def main_process_decides(accelerator: Accelerator, decision: bool) -> bool:

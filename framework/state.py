@@ -51,6 +51,9 @@ class TrainState:
     eval_step: int = -1  # the step at which eval_metrics were measured (== step: fresh at this epoch's end)
     # The loop's rollback (Trainer.rollback), offered to the hooks through `rollback`; None outside a Trainer.
     rollback_service: Callable[[Path | None, float], Path | None] | None = field(default=None, repr=False)
+    # (provide, consume) pairs registered with `read_with_log_line`; LogWindow.flush serves them.
+    log_line_readers: list[tuple[Callable[[], torch.Tensor | None], Callable[[list[list[float]]], None]]] = field(
+        default_factory=list, repr=False)
 
     @property
     def validated_now(self) -> bool:
@@ -82,6 +85,21 @@ class TrainState:
     def log(self, **values: Any) -> None:
         """Report values; the loop writes the latest of each at its next log line (tensors: no host sync here)."""
         self.logs.update(values)
+
+    def read_with_log_line(self, provide: Callable[[], torch.Tensor | None],
+                           consume: Callable[[list[list[float]]], None]) -> None:
+        """Have values read with each training log line, in its one host sync, instead of a sync of one's own.
+
+        Register once (e.g. in fit_start; the same pair again changes nothing). At every log line, on every rank,
+        `provide()` returns a flat float tensor on the device (or None: nothing this time); the log line gathers it
+        over ranks with its own values and reads everything at once; then `consume(per_rank)` receives those values
+        as floats, one list per rank in rank order (`per_rank[state.accelerator.process_index]` is this rank's; a
+        count summed over the rows needs no collective of its own). At a given log line `provide` must return as
+        many values on every rank (the gather needs equal shapes): let the length depend on the step only, never on
+        a rank's data. `consume` runs before the log line is written, so what it logs at an earlier step still
+        precedes the line; an exception it raises (a stop) leaves the loop, and that line is not written."""
+        if (provide, consume) not in self.log_line_readers:
+            self.log_line_readers.append((provide, consume))
 
     def state_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in COUNTERS}

@@ -8,6 +8,7 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -194,24 +195,42 @@ class LogWindow:
         self.samples += samples
         self.tokens += tokens
 
-    def flush(self, accelerator: Accelerator, logs: dict[str, Any]) -> dict[str, Any]:
-        """Means over ranks of loss and task metrics, plus the techniques' logged values, as floats (one host sync)."""
+    def flush(self, accelerator: Accelerator, logs: dict[str, Any], readers: Sequence[tuple[Callable[[], Any],
+              Callable[[list[list[float]]], None]]] = ()) -> dict[str, Any]:
+        """Means over ranks of loss and task metrics, plus the techniques' logged values, as floats (one host sync).
+
+        `readers`: `TrainState.read_with_log_line`'s (provide, consume) pairs: each provide()'s values ride in the
+        same gather and the same read; each consume then receives its values as floats, one list per rank."""
         elapsed = time.perf_counter() - self.started
         # One gather carries every rank's means and step time: the main process logs the mean over ranks and each
         # rank's step time (a slow rank shows up as one line apart, in the one run).
         local = torch.stack([self.loss_sum, *self.metric_sums.values()]) / max(self.batches, 1)
         step_time = torch.tensor([elapsed / max(self.batches, 1)], device=local.device)
-        per_rank = accelerator.gather(torch.cat([local, step_time]).reshape(1, -1))  # (ranks, k + 1)
+        provided = [provide() for provide, _ in readers]
+        extra = [local.new_zeros(0) if p is None else p.detach().to(local.device, torch.float32).reshape(-1)
+                 for p in provided]
+        width = local.numel()
+        per_rank = accelerator.gather(torch.cat([local, step_time, *extra]).reshape(1, -1))  # (ranks, width + 1 + n)
+        ranks = per_rank.shape[0]
         names = ["train/loss", *(f"train/{k}" for k in self.metric_sums), *logs,
-                 *(f"perf/step_seconds/rank_{rank}" for rank in range(per_rank.shape[0]))]
-        tensors = [per_rank[:, :-1].mean(dim=0)] + [
+                 *(f"perf/step_seconds/rank_{rank}" for rank in range(ranks))]
+        tensors = [per_rank[:, :width].mean(dim=0)] + [
             torch.as_tensor(v, dtype=torch.float32, device=local.device).reshape(1) for v in logs.values()]
-        values = dict(zip(names, torch.cat([*tensors, per_rank[:, -1]]).tolist()))  # the one host read
+        read = torch.cat([*tensors, per_rank[:, width], per_rank[:, width + 1:].reshape(-1)]).tolist()  # one read
+        values = dict(zip(names, read[:len(names)]))
         values["samples_per_second"] = self.samples / elapsed if elapsed > 0 else 0.0
         if self.tokens:
             values["tokens_per_second"] = self.tokens / elapsed if elapsed > 0 else 0.0
         values["perf/data_wait"] = self.data_wait / elapsed if elapsed > 0 else 0.0
         self.reset()
+        if readers:  # floats, not a tensor again: a later .tolist() would look like a sync of its own
+            rest, n = read[len(names):], sum(len(piece) for piece in extra)
+            rows = [rest[rank * n:(rank + 1) * n] for rank in range(ranks)]
+            offset = 0
+            for (_, consume), given, piece in zip(readers, provided, extra):
+                if given is not None:
+                    consume([row[offset:offset + len(piece)] for row in rows])
+                offset += len(piece)
         return values
 
 
@@ -305,7 +324,7 @@ def log_train_step(accelerator: Accelerator, state: TrainState, window: LogWindo
     """A step's log line: the window's means, the LR (each group's when they differ), the counters and memory, to the
     trackers and the progress bar (or one plain line when the console is a file). With --overfit_batches, the
     verdict's losses are kept current in `state.summary`: the last log line decides it."""
-    values = window.flush(accelerator, state.logs)
+    values = window.flush(accelerator, state.logs, state.log_line_readers)
     values["lr"] = state.optimizer.param_groups[0]["lr"]
     if len({g["lr"] for g in state.optimizer.param_groups}) > 1:  # e.g. layerwise_lr (not no-decay groups)
         values.update({f"lr/group_{i}": g["lr"] for i, g in enumerate(state.optimizer.param_groups)})

@@ -64,6 +64,10 @@ def test_host_syncs(tmp_path):
     # Logging and the progress bar sync only on log steps, never in between.
     assert record["checks"]["no techniques, log_every 50 (default)"]["syncs_between_log_lines"] == 0
     assert record["checks"]["no techniques, log_every 10"]["syncs_between_log_lines"] == 0
+    # The default doctor's reads ride in the log line's: no sync of its own, between log lines or on them.
+    doctor, plain = record["raw"]["doctor (default techniques), log_every 50"], record["raw"]["no techniques, log_every 50 (default)"]
+    assert doctor["syncs_on_steps_without_a_log_line"] == 0
+    assert sum(doctor["per_step"]) == sum(plain["per_step"])
     counted = record["raw"]["no techniques, log_every 10"]
     assert sum(counted["per_step"]) == sum(counted["sites"].values()) > 0  # the log lines' syncs are found
 

@@ -247,14 +247,16 @@ def test_every_flag_the_doctor_suggests_exists():
 # --- inside the loop -----------------------------------------------------------------------------------------------
 def train(tmp_path, model, doctor, *, lr=0.1, optimizer=None, n=16, batch_size=4, epochs=3, classes=3, seed=0,
           val=None, data=None, **config):
-    """A real Trainer run on tiny data with only the doctor; returns (trainer, summary or the error raised)."""
+    """A real Trainer run on tiny data with only the doctor (None: no technique); returns (trainer, summary or the
+    error raised)."""
     torch.manual_seed(seed)
     data = data if data is not None else tiny_classification_data(n, features=4, classes=classes, seed=seed)
     optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=lr)
-    config = TrainerConfig(output_dir=str(tmp_path), epochs=epochs, tracker="none", log_every=1, **config)
+    config = TrainerConfig(**{"output_dir": str(tmp_path), "epochs": epochs, "tracker": "none", "log_every": 1,
+                              **config})
     trainer = Trainer(config, model, optimizer, ClassificationTask(num_classes=classes),
                       DataLoader(data, batch_size=batch_size), None if val is None else DataLoader(val, batch_size=8),
-                      techniques=[doctor])
+                      techniques=[] if doctor is None else [doctor])
     return trainer, trainer.fit()
 
 
@@ -401,7 +403,7 @@ def test_resumed_past_a_plateau_window_the_windows_start_at_the_restored_step(tm
 def test_plateau_after_resume_has_no_reference_but_chance():
     """A resumed run's first window is late in training, where a converging loss may rightly fall < 1%: without the
     run's first losses (not checkpointed) only chance level is a reference; with no chance level, no check."""
-    doctor = Doctor(plateau_window=4)
+    doctor = Doctor(plateau_window=4, check_every=1)  # reads of its own: after_optimizer_step checks the window
     state = types.SimpleNamespace(step=300, accelerator=types.SimpleNamespace(is_main_process=True,
                                                                              log=lambda *a, **k: None))
     doctor._begin(state)
@@ -437,7 +439,7 @@ class WithNaNLayer(nn.Module):
 
 
 def test_nan_producing_layer_is_named_and_stops_training(tmp_path, capsys):
-    doctor = Doctor()
+    doctor = Doctor(check_every=1)  # a read of its own per step: before the NaN's update reaches the weights
     with pytest.raises(NonFiniteLossError, match=r"`bad` \(NaNLayer\)") as raised:
         train(tmp_path, WithNaNLayer(), doctor)
     assert "turns finite inputs into NaN/inf" in str(raised.value) and "clamp before log" in str(raised.value)
@@ -450,6 +452,116 @@ def test_nonfinite_loss_can_be_reported_without_stopping(tmp_path, capsys):
     found = findings(tmp_path)
     assert "nonfinite_loss" in found
     assert_printed_once(capsys, "nonfinite_loss")
+
+
+def test_nan_is_caught_at_the_next_log_line_by_default(tmp_path, capsys):
+    """The default doctor reads its flag with the log line (every 3 steps here): the NaN of step 0 stops training
+    at the line of step 3, named with the steps it covers; its updates have made the weights NaN by then, which the
+    replay says, with the way to stop on the very batch."""
+    doctor = Doctor()
+    with pytest.raises(NonFiniteLossError, match=r"`embed` \(Linear\), whose weights are already NaN/inf") as raised:
+        train(tmp_path, WithNaNLayer(), doctor, log_every=3)
+    assert [(f["code"], f["step"]) for f in doctor.findings] == [("exploding_gradients", 3), ("nonfinite_loss", 3)]
+    assert "between steps 0 and 2" in doctor.findings[0]["message"]  # the gradients' max over the same steps
+    assert "the loss became NaN/inf between steps 0 and 2" in str(raised.value)
+    assert "--techniques.doctor.check_every 1" in str(raised.value)
+    assert_printed_once(capsys, "nonfinite_loss")
+    assert logged(tmp_path) == {"exploding_gradients": [3], "nonfinite_loss": [3]}
+
+
+def count_host_syncs(run) -> int:
+    """Calls of the Tensor methods that copy values to the host (benchmarks/host_syncs.py's list) while `run()`."""
+    names = ("item", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__")
+    originals = {name: getattr(torch.Tensor, name) for name in names}
+    calls = [0]
+
+    def counting(original):
+        def call(tensor, *args, **kwargs):
+            calls[0] += 1
+            return original(tensor, *args, **kwargs)
+        return call
+
+    try:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, counting(original))
+        run()
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+    return calls[0]
+
+
+def test_log_line_readers_ride_in_its_one_read():
+    """TrainState.read_with_log_line: each provide()'s values join the log line's gather and its one host read; each
+    consume gets them as floats, one row per rank (two ranks faked: rank 1's values are rank 0's + 10)."""
+    from framework.state import TrainState
+    from framework.tracking import LogWindow
+
+    state = TrainState(accelerator=None, model=None, optimizer=None, output_dir=None)
+    got: dict[str, object] = {}
+    pair = (lambda: torch.tensor([1.0, 2.0]), lambda rows: got.setdefault("pair", rows))
+    state.read_with_log_line(*pair)
+    state.read_with_log_line(*pair)  # registered once
+    state.read_with_log_line(lambda: None, lambda rows: got.setdefault("nothing", rows))
+    state.read_with_log_line(lambda: torch.tensor([True]), lambda rows: got.setdefault("flag", rows))
+    assert len(state.log_line_readers) == 3
+    window = LogWindow(torch.device("cpu"))
+    window.add(torch.tensor(2.0), samples=4, tokens=0, metrics={})
+    two_ranks = types.SimpleNamespace(gather=lambda row: torch.cat([row, row + 10]))
+    syncs = count_host_syncs(lambda: got.setdefault("line", window.flush(two_ranks, {"x": torch.tensor(5.0)},
+                                                                          state.log_line_readers)))
+    assert syncs == 1
+    assert got["pair"] == [[1.0, 2.0], [11.0, 12.0]] and got["flag"] == [[1.0], [11.0]] and "nothing" not in got
+    assert got["line"]["train/loss"] == 7.0 and got["line"]["x"] == 5.0  # the mean over ranks of 2 and 12
+    assert got["line"]["perf/step_seconds/rank_1"] == pytest.approx(got["line"]["perf/step_seconds/rank_0"] + 10)
+
+
+def test_default_doctor_makes_no_host_sync_of_its_own(tmp_path):
+    """200 steps logged every 50 (the default): the default doctor's values ride in the log line's one read, so the
+    run makes exactly as many host syncs as without the doctor; with reads of its own (check_every 50) it makes
+    more (the counter sees them: 0.08 per step before the doctor's reads were folded into the log line's)."""
+    data = tiny_classification_data(800, features=4, classes=3)
+
+    def syncs(doctor, name):
+        def run():
+            train(tmp_path / name, mlp(), doctor, data=data, epochs=1, log_every=50)
+        return count_host_syncs(run)
+
+    without = syncs(None, "none")
+    assert syncs(Doctor(), "default") == without
+    assert syncs(Doctor(check_every=50), "own_reads") >= without + 4
+
+
+def test_findings_at_the_log_lines_cover_the_steps_since_the_last(tmp_path, capsys):
+    """check_every None: each check runs at a log line (every 3 steps), on the values since the previous one."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    with torch.no_grad():
+        model.weight *= 100
+    train(tmp_path / "initial", model, Doctor(), lr=0.01, log_every=3)
+    assert [(f["code"], f["step"]) for f in findings(tmp_path / "initial").values()] == [("initial_loss", 0)]
+    assert logged(tmp_path / "initial") == {"initial_loss": [0]}  # read at step 3, logged at its own step 0
+
+    torch.manual_seed(2)
+    train(tmp_path / "plateau", mlp(), Doctor(plateau_window=8), lr=0.0, epochs=6, log_every=3)  # 24 steps
+    found = findings(tmp_path / "plateau")
+    assert set(found) == {"loss_plateau"} and found["loss_plateau"]["step"] == 9  # the first line ≥ 8 steps in
+    assert "over steps 0-8" in found["loss_plateau"]["message"]
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), Tiny(), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+    train(tmp_path / "vanishing", model, Doctor(), log_every=3)  # 12 steps: the latest norms at lines 3, 6, 9, 12
+    found = findings(tmp_path / "vanishing")
+    assert set(found) == {"vanishing_gradients"} and found["vanishing_gradients"]["step"] == 6
+    assert "at steps 2 and 5" in found["vanishing_gradients"]["message"]
+
+    torch.manual_seed(0)
+    train(tmp_path / "exploding", mlp(), Doctor(), lr=30.0, epochs=10, log_every=5)  # 40 steps
+    found = findings(tmp_path / "exploding")
+    assert set(found) == {"exploding_gradients"}
+    step = found["exploding_gradients"]["step"]
+    assert step % 5 == 0 and f"between steps {step - 5} and {step - 1}" in found["exploding_gradients"]["message"]
+    capsys.readouterr()
 
 
 def test_memorised_tiny_set_overfits(tmp_path, capsys):
@@ -571,4 +683,18 @@ def test_two_ranks_stop_together_on_a_nonfinite_loss(tmp_path):
     assert result.returncode != 0
     assert result.stdout.count("[nonfinite_loss] step 5:") == 1, result.stdout[-3000:]
     assert result.stdout.count("[exploding_gradients]") == 1
+    assert not (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_two_ranks_stop_together_when_one_ranks_loss_is_nonfinite_at_a_log_line(tmp_path):
+    """The default doctor, two gloo ranks, a line every 5 steps: rank 1's loss alone is NaN, at step 4. The log
+    line's gather carries both ranks' flags, so both see the count and stop at the line of step 5 (each writes
+    stopped_rank<N>); the finding is printed once, by the main process."""
+    result = launch(ROOT / "tests" / "scripts" / "nonfinite_on_one_rank.py", str(tmp_path),
+                    launch_config="multi_cpu.yaml", timeout=300)
+    assert result.returncode != 0
+    assert [(tmp_path / f"stopped_rank{rank}").read_text() for rank in (0, 1)] == ["5", "5"], result.stderr[-3000:]
+    assert result.stdout.count("[nonfinite_loss] step 5:") == 1, result.stdout[-3000:]
+    assert "the loss became NaN/inf between steps 0 and 4" in result.stdout
     assert not (tmp_path / "summary.json").exists()

@@ -3,9 +3,10 @@
 On by default (`TrainerConfig.doctor`; `--doctor false` turns it off, `--techniques.doctor.ARG VALUE` tunes it). Each
 finding is printed once on the main process (`doctor: [code] step N: evidence`, then `fix: ...`), logged to the
 trackers as `doctor/<code> = 1` at that step, and listed in summary.json under "doctor" ({code, step, message, fix}).
-The checks follow Karpathy's "A Recipe for Training Neural Networks" (https://karpathy.github.io/2019/04/25/recipe/):
+The checks follow Karpathy's "A Recipe for Training Neural Networks" (https://karpathy.github.io/2019/04/25/recipe/);
+the hook named measures on the device, the check runs when the values are read (see Cost):
 
-    code                 fires when (default thresholds)                                       hook
+    code                 fires when (default thresholds)                                       measured in
     initial_loss         the first loss is off ln C (uniform predictions over C classes or a    on_loss, step 0
                          vocabulary) by more than max(0.5·ln C, 1 nat)
     no_gradient          a parameter that requires grad has no .grad after the first backward  after_backward, once
@@ -31,21 +32,31 @@ A non-finite loss stops training (`NonFiniteLossError`, framework/errors.py; `st
 reached an update, every weight it touched is NaN and every later step is wasted. The error names the layer and the
 fixes. Gradients that overflowed first are reported first (`exploding_gradients`): the better clue.
 
-Cost: on ordinary steps only device work (`isfinite` of the loss, `_foreach_norm` of the gradients, a running max);
-values reach the host in one read every `check_every` (50) steps, plus once at step 0, once per plateau window, once
-per evaluation and at fit_end. Measured on the 2-core CPU machine: the doctor's hooks take 0.6-1.1 ms per step on the
-image recipe (ResNet, batch 64; a step there takes 150-1300 ms depending on the machine's load), i.e. < 1%; on the
-tiniest model (Linear(4, 3), batch 4, steps of 9-18 ms, tests/test_loop.py style) 0.2-0.3 ms per step, ~2%.
+Cost: on ordinary steps only device work (`isfinite` of the loss, `_foreach_norm` of the gradients, a running max),
+and no host sync of the doctor's own: by default (`check_every` None) its values (the non-finite flag, the largest
+total gradient norm since the last line, the first steps' norms for the baseline, the latest per-parameter norms, a
+plateau window's losses once it is full, the first loss) ride in the training log line's one read
+(`TrainState.read_with_log_line`: one gather, one host copy, every `log_every` steps and at the last step); the checks
+run there, on the steps since the previous line (a plateau window is checked at the first line after it is full; the
+first loss is reported with step 0). Only a run stopped between log lines has its remainder read at fit_end, and each
+evaluation costs one read (the overfitting check). `check_every N` instead gives the doctor a read of its own every N
+steps (plus once at step 0, once per plateau window and at fit_end). Measured on the 2-core CPU machine: the doctor's
+hooks take 0.6-1.1 ms per step on the image recipe (ResNet, batch 64; a step there takes 150-1300 ms depending on the
+machine's load), i.e. < 1%; on the tiniest model (Linear(4, 3), batch 4, steps of 9-18 ms, tests/test_loop.py
+style) 0.2-0.3 ms per step, ~2%. benchmarks/host_syncs.py counts the syncs: with the default doctor, as many as
+without it.
 
-A NaN is therefore seen up to `check_every - 1` steps late, when an update has usually spread it into the weights:
-the replay then names the first layer whose weights are non-finite, says so, and suggests
-`--techniques.doctor.check_every 1` (a host read per step) to stop at the first non-finite loss. The verdict rests on
-the weights themselves, not on which layer first shows a NaN in the replay: NaN/inf weights anywhere in the model are
-reported as such (an earlier layer may overflow first), and finite weights and inputs whose products exceed the
-dtype's range (≈1e34 each after a far too high learning rate) are named as an overflow, with their magnitudes.
+A NaN is therefore seen at the next log line (or up to `check_every - 1` steps late), when an update has usually spread
+it into the weights: the replay then names the first layer whose weights are non-finite, says so, and suggests
+`--techniques.doctor.check_every 1` (a host read per step, before the update) to stop at the first non-finite loss.
+The verdict rests on the weights themselves, not on which layer first shows a NaN in the replay: NaN/inf weights
+anywhere in the model are reported as such (an earlier layer may overflow first), and finite weights and inputs whose
+products exceed the dtype's range (≈1e34 each after a far too high learning rate) are named as an overflow, with their
+magnitudes.
 
-Several ranks: the non-finite flag is summed over ranks at those reads (every rank reaches them at the same step, so
-no rank waits alone) and every rank stops together; the other checks only print, on the main process. Backends: the
+Several ranks: the non-finite flag is summed over ranks at those reads (the log line gathers every rank's values; a
+read of its own reduces the flag; every rank reaches either at the same step, so no rank waits alone) and every rank
+stops together; the other checks use each rank's own values and only print, on the main process. Backends: the
 gradient checks read `param.grad`, which DeepSpeed (the engine reduces and partitions gradients and steps inside
 backward) and FSDP (sharded gradients) do not hold; there they are skipped, the loss checks still run. Nothing is
 checkpointed: a resumed run starts the doctor afresh from the restored step (derived at its first training hook, after

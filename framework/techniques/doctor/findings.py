@@ -257,16 +257,17 @@ def _overflows(layer: NonFiniteLayer) -> bool:
 
 
 def nonfinite_loss_finding(layer: NonFiniteLayer | None, batch: Any, steps: tuple[int, int],
-                           check_every: int = 1, nonfinite_weights: Sequence[str] = ()) -> Finding:
+                           check_every: int | None = 1, nonfinite_weights: Sequence[str] = ()) -> Finding:
     """The finding for a non-finite loss seen between `steps`, given what replaying the latest batch showed
-    (`check_every` > 1: the doctor read its flag only every that many steps, and says how to stop earlier) and which
-    parameters hold NaN/inf (`nonfinite_weights`, from `nonfinite_parameters`).
+    (`check_every` > 1: the doctor read its flag only every that many steps; None: with the log lines, after the
+    updates; either way it says how to stop earlier) and which parameters hold NaN/inf (`nonfinite_weights`, from
+    `nonfinite_parameters`).
 
     The verdict rests on the weights, not on which layer shows a NaN first: weights that are NaN/inf anywhere are
     reported as such (an earlier layer may overflow first from finite but huge weights); finite weights and inputs
     whose products exceed the dtype's range are an overflow, with the magnitudes; otherwise the layer's own op."""
     rerun = (" Rerun with --techniques.doctor.check_every 1 to stop at the first non-finite loss."
-             if check_every > 1 else "")
+             if check_every is None or check_every > 1 else "")
     where = f"at step {steps[1]}" if steps[0] == steps[1] else f"between steps {steps[0]} and {steps[1]}"
     bad_keys = [key for key, value in batch.items() if not all_finite(value)] if isinstance(batch, Mapping) else []
     spread = ("an update with non-finite gradients reached them (gradients overflow before the loss does when the "
