@@ -21,7 +21,10 @@ from torch.utils.data import DataLoader
 
 from framework.data.augment import eval_pipeline, make_augmentation, train_pipeline
 from framework.data.loaders import make_loader
-from framework.data.sources import check_sizes, find_column, load_source, make_splits, per_class_subset
+from framework.data.sources import (check_sizes, find_column, held_out_splits, load_source, make_splits,
+                                    per_class_subset, stream_source, streams_from_files)
+from framework.data.streaming import (RankStream, StreamingLoader, StreamingSplit, in_memory_stream, rank_and_world,
+                                      rank_stream)
 from framework.errors import ConfigError
 
 
@@ -64,12 +67,19 @@ class ImageDataConfig:
     """Batches each worker prepares ahead."""
     skip_unreadable: bool = False
     """Train without the images that cannot be read (counted and named in a warning) instead of refusing to start."""
+    streaming: bool = False
+    """Read the training split as a stream (`datasets.IterableDataset`): each process reads only its own part,
+    shuffled in chunks of shuffle_buffer rows, and a resumed run continues exactly where it stopped (see
+    framework/data/streaming.py). Local files and folders are read by `load_dataset(..., streaming=True)` and need
+    their own validation and test splits (files named validation-*, test-*), which are read into memory."""
+    shuffle_buffer: int = 1000
+    """Streaming: rows shuffled together (seeded by the run's seed, the epoch and the chunk)."""
 
     def __post_init__(self):
         check_sizes("data", self.val_fraction, self.test_fraction,
                     {"image_size": self.image_size, "batch_size": self.batch_size,
                      "eval_batch_size": self.eval_batch_size, "prefetch_factor": self.prefetch_factor,
-                     "train_per_class": self.train_per_class},
+                     "train_per_class": self.train_per_class, "shuffle_buffer": self.shuffle_buffer},
                     {"num_workers": self.num_workers})
         if not 0 < self.eval_crop_fraction <= 1:
             raise ConfigError(f"data.eval_crop_fraction must be in (0, 1], got {self.eval_crop_fraction}.")
@@ -197,7 +207,8 @@ class ImageData:
         config, column = self.config, self.loaders["train"].dataset.image_transform.image_column
         original = eval_pipeline(config.image_size, self.mean, self.std, config.eval_crop_fraction, normalize=False)
         augmented = train_pipeline(config.image_size, config.augment, self.mean, self.std, normalize=False)
-        images = [image.convert(self.mode) for image in self.splits["train"][:samples][column]]
+        shown = self.splits["train"] if len(self.splits["train"]) else self.splits["validation"]  # streamed: none kept
+        images = [image.convert(self.mode) for image in shown[:samples][column]]
         with torch.random.fork_rng():  # the picture must not change the training run's random stream
             torch.manual_seed(0)
             rows = [[original(image)] + [augmented(image) for _ in range(versions)] for image in images]
@@ -215,6 +226,8 @@ def image_data(config: ImageDataConfig, seed: int = 0) -> ImageData:
     """Load `config.name`, split it, and build the DataLoaders yielding {"pixel_values": (B, C, H, W) float,
     "label": (B,) long}. The training loader shuffles with `seed`; each training sample's augmentation is drawn from
     (`seed`, epoch, sample index), so a resumed run sees the same images; its image size can follow a schedule."""
+    if config.streaming and streams_from_files(config.name):
+        return _streamed_image_data(config, seed)
     loaded = load_source(config.name, config.subset)
     sample = loaded["train"]
     image_column = find_column(sample, config.image_column, datasets.Image, ("image", "img"), "image",
@@ -259,8 +272,76 @@ def image_data(config: ImageDataConfig, seed: int = 0) -> ImageData:
                                      shuffle=training, num_workers=config.num_workers,
                                      prefetch_factor=config.prefetch_factor, seed=seed if training else None,
                                      on_epoch=transform.set_epoch if training else None)
+    if config.streaming:  # the same split and transform, read as a stream
+        rank, world = rank_and_world()
+        train = splits["train"].select_columns([image_column, label_column])
+        train = train.cast_column(image_column, datasets.Image(decode=False))  # decoded batch by batch
+        loaders["train"] = streaming_image_loader(in_memory_stream(train, rank, world),
+                                                  loaders["train"].dataset.image_transform, config, seed)
     names = splits["train"].features[label_column].names
     return ImageData(config, splits, loaders, names, mode, mean, std, skipped)
+
+
+def streaming_image_loader(stream: RankStream, transform: ImageBatchTransform, config: ImageDataConfig,
+                           seed: int) -> StreamingLoader:
+    """Training batches of `stream` through the training `transform`, as the map-style loader gives them; each
+    sample's augmentation is drawn from (seed, epoch, its position in this rank's stream × processes + rank)."""
+    rank, world = rank_and_world()
+    image_column, label_column = transform.image_column, transform.label_column
+    decoder = datasets.Image()
+
+    def prepare(rows: list[dict], first: int) -> list[tuple[Any, Any, int]]:
+        return [(row[image_column], row[label_column], (first + i) * world + rank) for i, row in enumerate(rows)]
+
+    def collate(items: list[tuple[Any, Any, int]]) -> dict[str, torch.Tensor]:
+        images = [decoder.decode_example(image) if isinstance(image, dict) else image for image, _, _ in items]
+        columns = transform({image_column: images, label_column: [label for _, label, _ in items]},
+                            [index for _, _, index in items])
+        return torch.utils.data.default_collate([dict(zip(columns, values)) for values in zip(*columns.values())])
+
+    length = None if stream.rows is None else stream.rows // config.batch_size
+    if length == 0:
+        raise ConfigError(f"data.streaming: each of the {world} process(es) gets {stream.rows} training images, "
+                          f"fewer than data.batch_size {config.batch_size}: lower it or add data.")
+    split = StreamingSplit(stream, prepare, seed, config.shuffle_buffer, image_transform=transform)
+    return StreamingLoader(split, config.batch_size, collate, length, on_epoch=transform.set_epoch)
+
+
+def _streamed_image_data(config: ImageDataConfig, seed: int) -> ImageData:
+    """`image_data` for local files read as streams: the training split streamed, the held-out splits in memory;
+    channel statistics from the validation split (the training split is never read whole)."""
+    streams, shard_rows = stream_source(config.name, config.subset)
+    train = streams["train"]
+    if train.features is None:
+        raise ConfigError(f"data.streaming: the columns of {config.name!r} are not known before reading it; "
+                          "store the data as parquet (its schema records them).")
+    image_column = find_column(train, config.image_column, datasets.Image, ("image", "img"), "image",
+                               "data.image_column")
+    label_column = find_column(train, config.label_column, datasets.ClassLabel, ("label", "labels"), "label",
+                               "data.label_column")
+    if not isinstance(train.features[label_column], datasets.ClassLabel):
+        raise ConfigError(f"data.streaming: the label column {label_column!r} is not a ClassLabel, so the classes "
+                          "are unknown before the whole stream is read; save the data with a ClassLabel feature.")
+    held_out = held_out_splits(streams, config.name)
+    mode = config.image_mode or _mode_of(held_out["validation"][0][image_column])
+    mean, std = channel_stats(held_out["validation"], image_column, mode)
+    loaders = {}
+    for split, dataset in held_out.items():
+        transform = ImageBatchTransform(functools.partial(eval_pipeline, mean=mean, std=std,
+                                                          crop_fraction=config.eval_crop_fraction),
+                                        config.image_size, image_column, label_column, mode)
+        loaders[split] = make_loader(TransformedSplit(dataset, transform), config.eval_batch_size, shuffle=False,
+                                     num_workers=config.num_workers, prefetch_factor=config.prefetch_factor)
+    rank, world = rank_and_world()
+    train = train.select_columns([image_column, label_column]).cast_column(image_column,
+                                                                          datasets.Image(decode=False))
+    transform = ImageBatchTransform(functools.partial(train_pipeline, augment=config.augment, mean=mean, std=std),
+                                    config.image_size, image_column, label_column, mode, seed=seed)
+    loaders["train"] = streaming_image_loader(rank_stream(train, rank, world, shard_rows["train"]), transform,
+                                              config, seed)
+    splits = datasets.DatasetDict({"train": held_out["validation"].select([]), **held_out})  # no rows in memory
+    names = train.features[label_column].names
+    return ImageData(config, splits, loaders, names, mode, mean, std)
 
 
 def _decode_columns(loaded: datasets.DatasetDict, image_column: str, label_column: str,

@@ -109,6 +109,8 @@ def shut_down_workers(loader: DataLoader) -> None:
 def first_batches(loader: DataLoader, batches: int) -> DataLoader:
     """`--overfit_batches`: a loader over the first `batches` batches' samples, in the same order every epoch (their
     augmentations still change with the epoch)."""
+    if not hasattr(loader.dataset, "__len__"):  # a stream: its first batches are not a fixed set to come back to
+        raise ConfigError("--overfit_batches needs a map-style training split: drop --data.streaming true.")
     samples = min(len(loader.dataset), batches * loader.batch_size)
     on_epoch = getattr(loader.sampler, "on_epoch", None)
     return DataLoader(Subset(loader.dataset, range(samples)), batch_size=loader.batch_size,

@@ -61,6 +61,59 @@ def load_source(name: str, subset: str | None = None, **builder_kwargs) -> datas
     return loaded
 
 
+def streams_from_files(name: str) -> bool:
+    """Whether `data.streaming` reads `name` from its files (a local folder or data files). The embedded data and
+    `save_to_disk` folders are in memory or memory-mapped already: they stream from their map-style splits."""
+    path = Path(name).expanduser()
+    saved = path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists())
+    return name not in EMBEDDED and not saved
+
+
+def stream_source(name: str, subset: str | None = None, **builder_kwargs
+                  ) -> tuple[datasets.IterableDatasetDict, dict[str, list[int] | None]]:
+    """`name` (a local folder or data files, or a hub id) as streams, one per split, read by
+    `load_dataset(..., streaming=True)`; with the rows of each split's shards (its files) where the files record
+    them (parquet metadata), else None. A folder's splits come from its file names (`train-*.parquet`,
+    `test/...`), as `datasets` finds them."""
+    path = Path(name).expanduser()
+    if path.suffix in FILE_BUILDERS:
+        builder, data_files = FILE_BUILDERS[path.suffix], {"train": sorted(glob.glob(str(path), recursive=True))}
+        if not data_files["train"]:
+            raise ConfigError(f"data.name {name!r}: no such files (relative paths start from {Path.cwd()}).")
+    elif path.is_dir():
+        from datasets.data_files import DataFilesDict, get_data_patterns
+
+        data_files = {split: list(files) for split, files in
+                      DataFilesDict.from_patterns(get_data_patterns(str(path)), base_path=str(path)).items()}
+        suffixes = {Path(f).suffix for files in data_files.values() for f in files}
+        builder = FILE_BUILDERS.get(suffixes.pop()) if len(suffixes) == 1 else None
+    else:
+        builder, data_files = None, None
+    if builder is None:  # image folders, mixed files, hub ids: datasets finds the builder itself
+        streams = datasets.load_dataset(name, subset, streaming=True, **builder_kwargs)
+        return streams, {split: None for split in streams}
+    streams = datasets.load_dataset(builder, data_files=data_files, streaming=True, **builder_kwargs)
+    if builder != "parquet":
+        return streams, {split: None for split in streams}
+    import pyarrow.parquet as pq
+
+    return streams, {split: [pq.ParquetFile(f).metadata.num_rows for f in files] for split, files in data_files.items()}
+
+
+def held_out_splits(streams: datasets.IterableDatasetDict, name: str) -> datasets.DatasetDict:
+    """A streamed source's validation and test splits, read into memory (held-out splits are small; evaluating
+    them map-style counts each sample once through accelerate's `gather_for_metrics`)."""
+    validation = next((split for split in VALIDATION_NAMES if split in streams), None)
+    if validation is None or "test" not in streams:
+        raise ConfigError(f"data.streaming: {name!r} has the splits {sorted(streams)}; a streamed source needs its "
+                          "own validation and test splits (files named e.g. validation-*.parquet and "
+                          "test-*.parquet beside train-*.parquet), since rows cannot be drawn out of a stream "
+                          "for them.")
+    return datasets.DatasetDict({
+        out: datasets.Dataset.from_list(list(streams[split]), features=streams[split].features)
+        for out, split in (("validation", validation), ("test", "test"))})
+
+
 def check_sizes(prefix: str, val_fraction: float, test_fraction: float, at_least_one: dict[str, int | None],
                 at_least_zero: dict[str, int | None] | None = None) -> None:
     """Refuse a data config's out-of-range numbers before anything is loaded (None means automatic or unlimited).

@@ -26,11 +26,14 @@ from typing import TYPE_CHECKING
 
 import datasets
 import numpy as np
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import DataLoader
 
 from framework.data.loaders import make_loader
-from framework.data.sources import check_sizes, load_source, make_splits
+from framework.data.sources import (check_sizes, held_out_splits, load_source, make_splits, stream_source,
+                                    streams_from_files)
+from framework.data.streaming import StreamingLoader, StreamingSplit, in_memory_stream, rank_and_world, rank_stream
 from framework.errors import ConfigError
 
 if TYPE_CHECKING:  # transformers costs ~2 s to import; image runs never need it
@@ -70,14 +73,26 @@ class TextDataConfig:
     eval_batch_size: int = 32
     num_workers: int | None = 0
     """Blocks are in memory already: 0 loads in the training process. None: from the machine's cores."""
+    streaming: bool = False
+    """Read the training documents as a stream (`datasets.IterableDataset`), tokenized and packed into blocks
+    chunk by chunk: each process reads only its own part, and a resumed run continues exactly where it stopped
+    (framework/data/streaming.py). The number of blocks is unknown before tokenizing, so a streaming run is defined
+    by --max_steps. Local files are read by `load_dataset(..., streaming=True)` and need their own validation and
+    test splits (read into memory); the `bpe` tokenizer, trained on the whole training split, needs in-memory data."""
+    shuffle_buffer: int = 256
+    """Streaming: documents read, packed and shuffled together (by the run's seed, the pass and the chunk)."""
 
     def __post_init__(self) -> None:
         check_sizes("data", self.val_fraction, self.test_fraction,
                     {"context_length": self.context_length, "batch_size": self.batch_size,
-                     "eval_batch_size": self.eval_batch_size, "max_eval_blocks": self.max_eval_blocks},
+                     "eval_batch_size": self.eval_batch_size, "max_eval_blocks": self.max_eval_blocks,
+                     "shuffle_buffer": self.shuffle_buffer},
                     {"num_workers": self.num_workers})
         if self.tokenizer not in TOKENIZERS and not Path(self.tokenizer).expanduser().is_dir():
             raise _unknown_tokenizer(self.tokenizer)
+        if self.streaming and self.tokenizer == "bpe" and streams_from_files(self.name):
+            raise ConfigError("data.streaming with data.tokenizer bpe: the BPE is trained on the whole training split, "
+                              "which a stream never holds; use bytes, or a tokenizer folder trained beforehand.")
         if self.tokenizer == "bpe" and self.vocab_size < 257:
             raise ConfigError(f"data.vocab_size must be at least 257 for the bpe tokenizer (the 256 bytes and the "
                               f"end-of-document token), got {self.vocab_size}: pass --data.vocab_size 257 or more.")
@@ -87,7 +102,8 @@ class TextDataConfig:
 class TextData:
     config: TextDataConfig
     splits: datasets.DatasetDict
-    """Blocks: {"input_ids": context_length + 1 token ids, "bytes": UTF-8 bytes of the targets, "index"}."""
+    """Blocks: {"input_ids": context_length + 1 token ids, "bytes": UTF-8 bytes of the targets, "index"} (no
+    "train" split when streaming)."""
     loaders: dict[str, DataLoader]
     tokenizer: PreTrainedTokenizerFast
     vocab_size: int
@@ -97,7 +113,7 @@ class TextData:
         """The loss of a model that ignores context, in bits per byte: the training blocks' tokens, each costing
         -log2 of its frequency there, over the bytes they stand for. Exact for byte-level tokenizers; otherwise the
         bytes come from the blocks' `bytes` (per target token, applied to all tokens): a close estimate."""
-        train = self.splits["train"]
+        train = self.splits["train"] if "train" in self.splits else self.splits["validation"]  # streaming: held out
         counts = np.zeros(self.vocab_size, dtype=np.int64)
         for start in range(0, len(train), 4096):
             blocks = np.asarray(train[start:start + 4096]["input_ids"], dtype=np.int64)
@@ -259,10 +275,21 @@ def target_bytes(blocks: np.ndarray, tokenizer: PreTrainedTokenizerFast,
 def text_data(config: TextDataConfig, seed: int = 0) -> TextData:
     """Held-out splits by document, then blocks of context_length + 1 tokens as
     {"input_ids": (B, T + 1) long, "bytes": (B,) long, "index": (B,) long}."""
-    loaded = load_source(config.name, config.subset, **_text_builder_kwargs(config.name))
-    column = text_column(loaded["train"], config.text_column)
-    splits = make_splits(loaded, config.val_fraction, config.test_fraction, config.split_seed)
-    tokenizer = load_tokenizer(config.tokenizer, splits["train"], column, config.vocab_size)
+    rank, world = rank_and_world()
+    if config.streaming and streams_from_files(config.name):
+        streams, _ = stream_source(config.name, config.subset, **_text_builder_kwargs(config.name))
+        column = text_column(streams["train"], config.text_column)
+        splits = held_out_splits(streams, config.name)
+        tokenizer = load_tokenizer(config.tokenizer, splits["validation"], column, config.vocab_size)
+        train_stream = rank_stream(streams["train"].select_columns([column]), rank, world)
+    else:
+        loaded = load_source(config.name, config.subset, **_text_builder_kwargs(config.name))
+        column = text_column(loaded["train"], config.text_column)
+        splits = make_splits(loaded, config.val_fraction, config.test_fraction, config.split_seed)
+        tokenizer = load_tokenizer(config.tokenizer, splits["train"], column, config.vocab_size)
+        if config.streaming:  # the same documents, the training ones read as a stream
+            train_stream = in_memory_stream(splits["train"].select_columns([column]), rank, world)
+            splits = datasets.DatasetDict({name: splits[name] for name in ("validation", "test")})
     token_bytes = token_byte_lengths(tokenizer)
     block_length = config.context_length + 1
 
@@ -278,7 +305,7 @@ def text_data(config: TextDataConfig, seed: int = 0) -> TextData:
         blocks = pack(ids, tokenizer.eos_token_id, block_length)
         return {"input_ids": blocks, "bytes": target_bytes(blocks, tokenizer, token_bytes)}
 
-    blocks = splits.map(to_blocks, batched=True, remove_columns=splits["train"].column_names,
+    blocks = splits.map(to_blocks, batched=True, remove_columns=splits["validation"].column_names,
                         desc="tokens -> blocks",
                         cache_file_names=None if config.tokenizer == "bytes" else block_cache_files(splits, tokenizer,
                                                                                                     block_length))
@@ -297,6 +324,15 @@ def text_data(config: TextDataConfig, seed: int = 0) -> TextData:
                            seed=seed if split == "train" else None, drop_last=split == "train")
         for split, dataset in blocks.items()
     }
+    if config.streaming:
+        def prepare(rows: list[dict], first: int) -> list[dict]:
+            packed = to_blocks({column: [row[column] for row in rows]})
+            base = (first * world + rank) << 32  # unique over ranks and chunks (a chunk makes < 2^32 blocks)
+            return [{"input_ids": torch.from_numpy(ids), "bytes": int(n), "index": base + j}
+                    for j, (ids, n) in enumerate(zip(packed["input_ids"], packed["bytes"]))]
+
+        split = StreamingSplit(train_stream, prepare, seed, config.shuffle_buffer)
+        loaders["train"] = StreamingLoader(split, config.batch_size, torch.utils.data.default_collate, None)
     return TextData(config, blocks, loaders, tokenizer, len(tokenizer))
 
 
