@@ -16,10 +16,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from framework.accumulation import micro_batches
-from framework.backend import (build_model, deepspeed_summary, describe_backend, forget_unscaling, gradient_norm,
-                               local_weights_finite, make_accelerator, num_machines, set_determinism,
-                               unscale_gradients_once, weights_finite)
-from framework.checkpoint import LOCK, load_checkpoint, newest_healthy_checkpoint, save_checkpoint
+from framework.backend import (build_model, describe_backend, forget_unscaling, gradient_norm, make_accelerator,
+                               set_determinism, unscale_gradients_once)
+from framework.checkpoint import LOCK, newest_healthy_checkpoint
 from framework.config import TrainerConfig, config_to_yaml, configured_techniques, flatten
 from framework.data.loaders import first_batches, shut_down_workers, to_channels_last
 from framework.data.streaming import batches_per_epoch
@@ -29,7 +28,7 @@ from framework.nn.norm import frozen_running_statistics
 from framework.nn.sharded import is_partitioned
 from framework.optim import scale_learning_rates_
 from framework.preemption import PreemptionWatch, exit_with_launcher, stop_preempted
-from framework.run_dir import open_run_dir, resume
+from framework.run_dir import Checkpoints, open_run_dir, resume
 from framework.state import TrainState
 from framework.task import Task
 from framework.technique import Technique, check_techniques, hook_table
@@ -108,11 +107,9 @@ class Trainer:
                                 flops_per_token=flops_per_token)
         if self.backend.deepspeed_stage == 3:  # summary.json: was the model ever whole on one rank?
             self.state.summary["model_built_partitioned"] = is_partitioned(model)
-        self._checkpointed: list[Any] = []  # what a checkpoint holds besides the model (set in fit)
+        self.checkpoints: Checkpoints | None = None  # made in fit, once the data is prepared
         self._hooks = hook_table(self.techniques)
         self._step_owner = next((t for t in self.techniques if t.owns_optimizer_step), None)
-        self._last_checkpoint_step = -1
-        self._finite_at = (-1, True)  # (step, every rank's weights finite), read with that step's log line
         self.model_summary: dict[str, Any] | None = None
 
     # --- the public entry points --------------------------------------------------------------------------------
@@ -153,17 +150,13 @@ class Trainer:
         if self.resume_path is None:
             draw_schedule_at_start(self)
         self._call("fit_start")
-        # What each checkpoint records, whether the weights are finite, rides in the log line's one read, so the
-        # checkpoints written right after a log line (the last step's, most epoch ends) need no host sync.
-        state.read_with_log_line(lambda: local_weights_finite(accelerator, state.model), self._note_weights_finite)
         # A streamed training split's position (every rank's) travels with the checkpoint too.
-        self._checkpointed = [state, *[t for t in self.techniques if t.has_state],
-                              *[d for d in [self.data["train"]] if getattr(d, "restores_position", False)]]
-        accelerator.register_for_checkpointing(*self._checkpointed)
+        self.checkpoints = Checkpoints(accelerator, config, self.backend, state, [
+            state, *[t for t in self.techniques if t.has_state],
+            *[d for d in [self.data["train"]] if getattr(d, "restores_position", False)]])
         if self.resume_path is not None:
-            resume(accelerator, self.run, state, self._checkpointed, self._lr_schedulers(),
+            resume(accelerator, self.run, state, self.checkpoints, self._lr_schedulers(),
                    config.gradient_accumulation_steps)
-            self._last_checkpoint_step = state.step
         inference_files = {name: json.dumps(value, indent=2) + "\n" for name, value in self.inference_files.items()}
         start_tracking(accelerator, config, flatten(config), {"config.yaml": config_to_yaml(config), **inference_files},
                        self.pictures, state.step, resumed=self.resume_path is not None)
@@ -186,12 +179,7 @@ class Trainer:
                         results.update(self.evaluate(self.data["test"], prefix, hooks=False))
         self._call("fit_end")
         seconds = time.perf_counter() - started
-        accelerator.wait_for_everyone()
-        accelerator.save_model(state.model, state.output_dir)
-        accelerator.log({k: v for k, v in results.items() if k.startswith("test")}, step=state.step)
-        setup = {"gradient_accumulation_steps": config.gradient_accumulation_steps, "num_machines": num_machines(),
-                 **deepspeed_summary(accelerator), **self.batch}
-        return finish_run(accelerator, state, results, setup, self._epochs_done(), seconds,
+        return finish_run(accelerator, state, results, self.batch, self._epochs_done(), seconds,
                           [t.name or type(t).__name__ for t in self.techniques], self.model_summary,
                           config.overfit_batches, hidden=LOCK)
 
@@ -267,7 +255,7 @@ class Trainer:
                     log_train_step(accelerator, state, window, progress, self._epochs_done(), config.overfit_batches)
                     state.logs.clear()  # values logged between log lines: the latest one is written
                 if config.checkpoint_every and state.step % config.checkpoint_every == 0:
-                    self._checkpoint()
+                    self.checkpoints.save()
                 if preemption.requested():
                     state.preempted = state.should_stop = True  # every rank, after this same step
                 if state.step >= state.max_steps or state.should_stop:
@@ -281,12 +269,12 @@ class Trainer:
                 if self.data["val"] is not None and (last or (config.eval_every and state.epoch % config.eval_every == 0)):
                     self._evaluate_and_log()
                 self._call("epoch_end")
-                self._checkpoint()
+                self.checkpoints.save()
                 window.started += time.perf_counter() - epoch_end_started  # throughput counts training time only
         progress.close()
         if self.data["val"] is not None and state.eval_step != state.step and not state.preempted:
             self._evaluate_and_log()  # stopped mid-epoch: still report validation metrics for the final weights
-        self._checkpoint()
+        self.checkpoints.save()
 
     def _optimizer_step(self, batch: Any, loss_scale: float | torch.Tensor = 1.0) -> bool:
         """Between backward and zero_grad when gradients are synchronised: the hooks around the optimizer step.
@@ -367,9 +355,7 @@ class Trainer:
         checkpoint = to if to is not None else newest_healthy_checkpoint(state.output_dir)
         if checkpoint is None:
             return None
-        load_checkpoint(self.accelerator, checkpoint, state.model, self._checkpointed, state.optimizer)
-        self._last_checkpoint_step = state.step  # that step is saved; the steps taken again are saved afresh
-        self._finite_at = (-1, True)  # the weights read at a step with this number are gone
+        self.checkpoints.load(checkpoint)
         scale_learning_rates_(state.optimizer, self._lr_schedulers(), lr_factor)
         state.rolled_back = True
         return checkpoint
@@ -389,17 +375,3 @@ class Trainer:
         if self.accelerator.is_main_process:  # tqdm.write keeps the progress bar intact
             tqdm.write(f"epoch {round(self._epochs_done(), 2):g} step {self.state.step}: "
                        + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-
-    def _note_weights_finite(self, per_rank: list[list[float]]) -> None:
-        self._finite_at = (self.state.step, min(map(min, per_rank)) > 0)
-
-    def _checkpoint(self) -> None:
-        if self._last_checkpoint_step == self.state.step:
-            return
-        step, finite = self._finite_at
-        if step != self.state.step:
-            finite = weights_finite(self.accelerator, self.state.model)
-        save_checkpoint(self.accelerator, self.config.output_dir, self.state.step, self.config.keep_checkpoints,
-                        self.backend, finite=finite,
-                        files={"config.yaml": config_to_yaml(self.config)})
-        self._last_checkpoint_step = self.state.step

@@ -1,5 +1,6 @@
 """A Trainer's output directory: one run at a time in it (its lock), the checkpoint a run resumes from and the
-settings changed since, or, for a fresh start with --overwrite, the earlier run's files emptied out."""
+settings changed since, or, for a fresh start with --overwrite, the earlier run's files emptied out; and the
+checkpoints the run writes there."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 
-from framework.backend import Backend, on_main_process
+from framework.backend import Backend, local_weights_finite, on_main_process, weights_finite
 from framework.checkpoint import (
     acquire_run_lock,
     batch_position_for_world_size,
@@ -21,10 +22,11 @@ from framework.checkpoint import (
     load_checkpoint,
     release_run_lock,
     resolve_resume,
+    save_checkpoint,
     saved_batch_position,
     saved_world_size,
 )
-from framework.config import TrainerConfig, resume_changes
+from framework.config import TrainerConfig, config_to_yaml, resume_changes
 from framework.optim import scale_learning_rates_
 from framework.state import TrainState
 from framework.tracking import drop_metrics_after
@@ -82,12 +84,48 @@ def open_run_dir(accelerator: Accelerator, config: TrainerConfig, backend: Backe
     return run
 
 
-def resume(accelerator: Accelerator, run: RunDir, state: TrainState, registered: list[Any],
+class Checkpoints:
+    """The checkpoints a training run writes and reloads: the model, the optimizer and `registered` (the state, the
+    techniques' state, a stream's position), at most one per step. Whether every rank's weights are finite (in each
+    checkpoint's marker) rides in the log line's one read, so a checkpoint written right after a log line (the last
+    step's, most epoch ends) needs no host sync of its own."""
+
+    def __init__(self, accelerator: Accelerator, config: TrainerConfig, backend: Backend, state: TrainState,
+                 registered: list[Any]):
+        self.accelerator, self.config, self.backend, self.state = accelerator, config, backend, state
+        self.registered = registered
+        accelerator.register_for_checkpointing(*registered)
+        self.last_step = -1  # the step of the newest checkpoint this run wrote or loaded
+        self._finite_at = (-1, True)  # (step, every rank's weights finite), read with that step's log line
+        state.read_with_log_line(lambda: local_weights_finite(accelerator, state.model), self._note_finite)
+
+    def _note_finite(self, per_rank: list[list[float]]) -> None:
+        self._finite_at = (self.state.step, min(map(min, per_rank)) > 0)
+
+    def save(self) -> None:
+        """Checkpoint the current step, unless it is saved already."""
+        step = self.state.step
+        if self.last_step == step:
+            return
+        finite = self._finite_at[1] if self._finite_at[0] == step else weights_finite(self.accelerator,
+                                                                                      self.state.model)
+        save_checkpoint(self.accelerator, self.config.output_dir, step, self.config.keep_checkpoints, self.backend,
+                        finite=finite, files={"config.yaml": config_to_yaml(self.config)})
+        self.last_step = step
+
+    def load(self, path: Path) -> None:
+        """Restore everything a checkpoint holds, on every rank (a resume; a rollback mid-run)."""
+        load_checkpoint(self.accelerator, path, self.state.model, self.registered, self.state.optimizer)
+        self.last_step = self.state.step  # that step is saved; steps taken again are saved afresh
+        self._finite_at = (-1, True)  # weights read at a step with this number are gone
+
+
+def resume(accelerator: Accelerator, run: RunDir, state: TrainState, checkpoints: Checkpoints,
            lr_schedulers: list[Any], accumulation: int) -> None:
-    """Load `run.resume_path` (model, optimizer and the `registered` state); under another number of processes,
+    """Load `run.resume_path` (model, optimizer and the registered state); under another number of processes,
     continue the epoch after the same samples; apply the settings changed since the checkpoint."""
     accelerator.print(f"resuming from {run.resume_path}")
-    load_checkpoint(accelerator, run.resume_path, state.model, registered, state.optimizer)
+    checkpoints.load(run.resume_path)
     if run.resumed_world != accelerator.num_processes:  # elastic: the same samples seen, other batches
         state.batch_in_epoch = batch_position_for_world_size(
             state.batch_in_epoch, run.resumed_world, accelerator.num_processes, accumulation)

@@ -19,6 +19,7 @@ from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 from PIL import Image
 
+from framework.backend import deepspeed_summary, num_machines
 from framework.nn.sharded import full_shape
 from framework.state import TrainState
 
@@ -349,10 +350,14 @@ def log_train_step(accelerator: Accelerator, state: TrainState, window: LogWindo
 def finish_run(accelerator: Accelerator, state: TrainState, results: dict[str, Any], setup: dict[str, Any],
                epochs: float, seconds: float, techniques: list[str], model: dict[str, Any] | None,
                overfit_batches: int, hidden: str) -> dict[str, Any]:
-    """Write summary.json (the metrics; how the run ran: the accelerator's backend, `setup` (accumulation, machines,
-    DeepSpeed, batch layout) and the counters; the model; what the techniques added to `state.summary`), close the
-    trackers and print the closing lines: speed, metrics, the overfit verdict, the files in output_dir (but
-    `hidden`). Returns the summary."""
+    """Save the model (model.safetensors, gathered from every rank), log the test metrics, write summary.json (the
+    metrics; how the run ran: the accelerator's backend, `setup` (the batch layout), the machines, DeepSpeed and the
+    counters; the model; what the techniques added to `state.summary`), close the trackers and print the closing
+    lines: speed, metrics, the overfit verdict, the files in output_dir (but `hidden`). Returns the summary."""
+    accelerator.wait_for_everyone()
+    accelerator.save_model(state.model, state.output_dir)
+    accelerator.log({k: v for k, v in results.items() if k.startswith("test")}, step=state.step)
+    setup = {**setup, "num_machines": num_machines(), **deepspeed_summary(accelerator)}
     summary = {
         "metrics": results,
         "run": {

@@ -158,6 +158,27 @@ def test_the_combination_keeps_digits_regularizeds_mixing_share_also_when_cut_to
         k: v for k, v in at_equal_time.techniques.items() if k != "mixup"}
 
 
+def test_an_equal_time_run_is_submitted_after_the_next_seeds_first_runs_and_every_run_once():
+    regime = ablation.digits_low_data(epochs=50)
+    equal_time = next(v for v in regime.variants if v.equal_time)
+    partner = ablation.equal_time_partner(regime)
+    order = [(seed, v.name) for seed, v in ablation.submission_order(regime.variants, [0, 1, 2], jobs=2)]
+    assert sorted(order) == sorted((seed, v.name) for seed in [0, 1, 2] for v in regime.variants)
+    for seed in [0, 1]:  # `jobs` runs of the next seed start between its partner and it
+        at = order.index((seed, equal_time.name))
+        assert order[at - 2:at] == [(seed + 1, regime.variants[0].name), (seed + 1, regime.variants[1].name)]
+        assert order.index((seed, partner)) < at - 2
+    assert order[-1] == (2, equal_time.name)
+    without = [v for v in regime.variants if not v.equal_time]  # no equal-time run: plain seed-major order
+    assert ablation.submission_order(without, [0, 1], 2) == [(seed, v) for seed in [0, 1] for v in without]
+
+
+def test_the_runs_get_the_environment_accelerate_launch_gives_its_process():
+    launched = ablation.launcher_environment()
+    assert launched["ACCELERATE_USE_CPU"] == "True" and launched["ACCELERATE_MIXED_PRECISION"] == "no"
+    assert launched["OMP_NUM_THREADS"] == "1" and launched["PYTHONPATH"].split(":")[0] == str(ROOT)
+
+
 # --- the harness, for real -----------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_smoke_run_writes_json_markdown_and_figure(tmp_path):

@@ -19,6 +19,8 @@ one pass-cycling epoch of `--max_steps` steps.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import os
@@ -35,6 +37,28 @@ from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader, IterableDataset
 
 from framework.errors import ConfigError
+
+
+def keep_large_blocks_in_mmaps(threshold: int = 1 << 20) -> bool:
+    """Make glibc's malloc serve every block of `threshold` bytes or more from an mmap of its own, for the rest of
+    the process. Returns whether it did (not on another C library, nor where MALLOC_MMAP_THRESHOLD_ is set: the
+    user's choice stays).
+
+    Why: by default glibc raises that threshold to the largest block freed so far (up to 32 MiB). A stream frees
+    multi-megabyte blocks (a file's read chunk, a run of packed documents), after which every block below that size
+    comes from the heap, whose freed fragments stay resident: the process grows with the amount streamed (+16% from
+    10% to 100% of a 1 GB text corpus, `benchmarks/streaming.py`). A fixed threshold (setting one turns the raising
+    off) returns large blocks to the system whole when freed: +0.4%, at the same speed."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        gnu = bool(name) and hasattr(libc, "gnu_get_libc_version")
+    except OSError:
+        return False
+    m_mmap_threshold = -3  # malloc.h
+    return gnu and libc.mallopt(m_mmap_threshold, threshold) == 1
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -129,6 +153,7 @@ class StreamingLoader(DataLoader):
     def __init__(self, split: StreamingSplit, batch_size: int, collate: Callable[[list[Any]], Any],
                  length: int | None, on_epoch: Callable[[int], None] | None = None, non_blocking: bool = False):
         super().__init__(split, batch_size=batch_size, collate_fn=collate)
+        keep_large_blocks_in_mmaps()  # resident memory flat in the amount streamed
         self.length, self.on_epoch, self.non_blocking = length, on_epoch, non_blocking
         self.epoch = self.batches = self.passes = 0
         self.position: dict | None = None
