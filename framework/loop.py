@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -18,22 +17,21 @@ from tqdm.auto import tqdm
 from framework.accumulation import micro_batches
 from framework.backend import (build_model, describe_backend, forget_unscaling, gradient_norm, make_accelerator,
                                set_determinism, unscale_gradients_once)
-from framework.checkpoint import LOCK, newest_healthy_checkpoint
+from framework.checkpoint import LOCK
 from framework.config import TrainerConfig, config_to_yaml, configured_techniques, flatten
 from framework.data.loaders import first_batches, shut_down_workers, to_channels_last
-from framework.data.streaming import batches_per_epoch
+from framework.data.streaming import steps_per_epoch
 from framework.evaluation import evaluate_model
 from framework.modes import mode_instead_of_training
 from framework.nn.norm import frozen_running_statistics
 from framework.nn.sharded import is_partitioned
-from framework.optim import scale_learning_rates_
 from framework.preemption import PreemptionWatch, exit_with_launcher, stop_preempted
 from framework.run_dir import Checkpoints, open_run_dir, resume
 from framework.state import TrainState
 from framework.task import Task
 from framework.technique import Technique, check_techniques, hook_table
 from framework.techniques.lr_schedule import draw_schedule_at_start
-from framework.tracking import (LogWindow, announce_start, batch_layout, finish_run, log_train_step, make_trackers,
+from framework.tracking import (LogWindow, batch_layout, finish_run, log_train_step, log_validation, make_trackers,
                                 plain_output, start_tracking)
 
 
@@ -96,12 +94,9 @@ class Trainer:
                                   config.gradient_accumulation_steps)
         self.pictures = dict(pictures or {})
         self.inference_files = dict(inference_files or {})
-        if not isinstance(model, torch.nn.Module):
-            model = build_model(self.accelerator, model)
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            optimizer = optimizer(model)
-        if callable(flops_per_token):
-            flops_per_token = flops_per_token(model)
+        model = model if isinstance(model, torch.nn.Module) else build_model(self.accelerator, model)
+        optimizer = optimizer if isinstance(optimizer, torch.optim.Optimizer) else optimizer(model)
+        flops_per_token = flops_per_token(model) if callable(flops_per_token) else flops_per_token
         self.state = TrainState(self.accelerator, model, optimizer, Path(config.output_dir),
                                 techniques=self.techniques, task=task, rollback_service=self.rollback,
                                 flops_per_token=flops_per_token)
@@ -139,9 +134,7 @@ class Trainer:
             if self.data[split] is not None:
                 self.data[split] = accelerator.prepare(self.data[split])
         state.train_data = self.data["train"]
-        state.steps_per_epoch = math.ceil(batches_per_epoch(self.data["train"], config.max_steps,
-                                                            config.gradient_accumulation_steps)
-                                          / config.gradient_accumulation_steps)
+        state.steps_per_epoch = steps_per_epoch(self.data["train"], config.max_steps, config.gradient_accumulation_steps)
         state.max_steps = config.max_steps or config.epochs * state.steps_per_epoch
         state.validates = self.data["val"] is not None and config.eval_every > 0
         mode = mode_instead_of_training(self)  # --preview_lr, --find_lr, --evaluate_only
@@ -150,19 +143,13 @@ class Trainer:
         if self.resume_path is None:
             draw_schedule_at_start(self)
         self._call("fit_start")
-        # A streamed training split's position (every rank's) travels with the checkpoint too.
-        self.checkpoints = Checkpoints(accelerator, config, self.backend, state, [
-            state, *[t for t in self.techniques if t.has_state],
-            *[d for d in [self.data["train"]] if getattr(d, "restores_position", False)]])
+        self.checkpoints = Checkpoints(accelerator, config, self.backend, state, self.techniques, self.data["train"])
         if self.resume_path is not None:
-            resume(accelerator, self.run, state, self.checkpoints, self._lr_schedulers(),
-                   config.gradient_accumulation_steps)
-        inference_files = {name: json.dumps(value, indent=2) + "\n" for name, value in self.inference_files.items()}
-        start_tracking(accelerator, config, flatten(config), {"config.yaml": config_to_yaml(config), **inference_files},
-                       self.pictures, state.step, resumed=self.resume_path is not None)
-        self.model_summary = announce_start(accelerator, accelerator.unwrap_model(state.model), self.backend,
-                                            self.batch, state.steps_per_epoch, state.max_steps, config.tracker,
-                                            state.output_dir)
+            resume(accelerator, self.run, state, self.checkpoints, config.gradient_accumulation_steps)
+        files = {"config.yaml": config_to_yaml(config),
+                 **{name: json.dumps(value, indent=2) + "\n" for name, value in self.inference_files.items()}}
+        self.model_summary = start_tracking(accelerator, config, flatten(config), files, self.pictures, state,
+                                            self.backend, self.batch, resumed=self.resume_path is not None)
 
         with PreemptionWatch(accelerator.num_processes > 1, enabled=config.handle_preemption) as preemption, \
                 torch.autograd.set_detect_anomaly(config.detect_anomaly):
@@ -351,27 +338,11 @@ class Trainer:
         is one) through the same load path as a resume, and multiply every learning rate by `lr_factor` for the rest
         of the run; the loop then continues from the restored position. Every rank calls it alike. Returns the
         checkpoint loaded, or None when there is none (nothing changes). Hooks reach it as `state.rollback`."""
-        state = self.state
-        checkpoint = to if to is not None else newest_healthy_checkpoint(state.output_dir)
-        if checkpoint is None:
-            return None
-        self.checkpoints.load(checkpoint)
-        scale_learning_rates_(state.optimizer, self._lr_schedulers(), lr_factor)
-        state.rolled_back = True
-        return checkpoint
-
-    def _lr_schedulers(self) -> list[Any]:
-        """The techniques' LR schedulers: a rollback or a changed LR on resume rescales them with the optimizer."""
-        return [s for t in self.techniques for s in t.lr_schedulers()]
+        return self.checkpoints.roll_back(to, lr_factor)
 
     def _epochs_done(self) -> float:
         """Epochs trained, with the current epoch's fraction: the same count in log lines, metrics and summary."""
         return self.state.epoch + self.state.batch_in_epoch / max(len(self.data["train"]), 1)
 
     def _evaluate_and_log(self) -> None:
-        metrics = self.evaluate(self.data["val"], "val")
-        self.state.eval_metrics, self.state.eval_step = metrics, self.state.step
-        self.accelerator.log(metrics, step=self.state.step)
-        if self.accelerator.is_main_process:  # tqdm.write keeps the progress bar intact
-            tqdm.write(f"epoch {round(self._epochs_done(), 2):g} step {self.state.step}: "
-                       + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        log_validation(self.accelerator, self.state, self.evaluate(self.data["val"], "val"), self._epochs_done())

@@ -20,6 +20,7 @@ from framework.checkpoint import (
     check_resumable,
     clear_run,
     load_checkpoint,
+    newest_healthy_checkpoint,
     release_run_lock,
     resolve_resume,
     save_checkpoint,
@@ -29,6 +30,7 @@ from framework.checkpoint import (
 from framework.config import TrainerConfig, config_to_yaml, resume_changes
 from framework.optim import scale_learning_rates_
 from framework.state import TrainState
+from framework.technique import Technique
 from framework.tracking import drop_metrics_after
 
 
@@ -85,16 +87,19 @@ def open_run_dir(accelerator: Accelerator, config: TrainerConfig, backend: Backe
 
 
 class Checkpoints:
-    """The checkpoints a training run writes and reloads: the model, the optimizer and `registered` (the state, the
-    techniques' state, a stream's position), at most one per step. Whether every rank's weights are finite (in each
+    """The checkpoints a training run writes and reloads: the model, the optimizer, `state`, the state of the
+    `techniques` that have some and the position of `train_data` where it restores its own (a stream: every rank's
+    position), at most one per step. Whether every rank's weights are finite (in each
     checkpoint's marker) rides in the log line's one read, so a checkpoint written right after a log line (the last
     step's, most epoch ends) needs no host sync of its own."""
 
     def __init__(self, accelerator: Accelerator, config: TrainerConfig, backend: Backend, state: TrainState,
-                 registered: list[Any]):
+                 techniques: list[Technique], train_data: Any):
         self.accelerator, self.config, self.backend, self.state = accelerator, config, backend, state
-        self.registered = registered
-        accelerator.register_for_checkpointing(*registered)
+        self.techniques = techniques
+        self.registered = [state, *[t for t in techniques if t.has_state],
+                           *([train_data] if getattr(train_data, "restores_position", False) else [])]
+        accelerator.register_for_checkpointing(*self.registered)
         self.last_step = -1  # the step of the newest checkpoint this run wrote or loaded
         self._finite_at = (-1, True)  # (step, every rank's weights finite), read with that step's log line
         state.read_with_log_line(lambda: local_weights_finite(accelerator, state.model), self._note_finite)
@@ -119,9 +124,24 @@ class Checkpoints:
         self.last_step = self.state.step  # that step is saved; steps taken again are saved afresh
         self._finite_at = (-1, True)  # weights read at a step with this number are gone
 
+    def lr_schedulers(self) -> list[Any]:
+        """The techniques' LR schedulers: a rollback or a changed LR on resume rescales them with the optimizer."""
+        return [s for t in self.techniques for s in t.lr_schedulers()]
 
-def resume(accelerator: Accelerator, run: RunDir, state: TrainState, checkpoints: Checkpoints,
-           lr_schedulers: list[Any], accumulation: int) -> None:
+    def roll_back(self, to: Path | None, lr_factor: float) -> Path | None:
+        """`Trainer.rollback`: reload checkpoint `to` (default: the newest healthy one) and scale every learning
+        rate by `lr_factor`; the loop continues from the restored position (`state.rolled_back`)."""
+        checkpoint = to if to is not None else newest_healthy_checkpoint(self.state.output_dir)
+        if checkpoint is None:
+            return None
+        self.load(checkpoint)
+        scale_learning_rates_(self.state.optimizer, self.lr_schedulers(), lr_factor)
+        self.state.rolled_back = True
+        return checkpoint
+
+
+def resume(accelerator: Accelerator, run: RunDir, state: TrainState, checkpoints: Checkpoints, accumulation: int
+           ) -> None:
     """Load `run.resume_path` (model, optimizer and the registered state); under another number of processes,
     continue the epoch after the same samples; apply the settings changed since the checkpoint."""
     accelerator.print(f"resuming from {run.resume_path}")
@@ -131,7 +151,7 @@ def resume(accelerator: Accelerator, run: RunDir, state: TrainState, checkpoints
             state.batch_in_epoch, run.resumed_world, accelerator.num_processes, accumulation)
         accelerator.print(f"resume: {run.resumed_world} -> {accelerator.num_processes} processes; "
                           f"continuing the epoch after the same {state.batch_in_epoch} batches per process")
-    apply_resume_changes(run.changes, state.optimizer, lr_schedulers, accelerator.is_main_process)
+    apply_resume_changes(run.changes, state.optimizer, checkpoints.lr_schedulers(), accelerator.is_main_process)
     if accelerator.is_main_process:
         drop_metrics_after(state.output_dir, state.step)
 

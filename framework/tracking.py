@@ -18,6 +18,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 from PIL import Image
+from tqdm.auto import tqdm
 
 from framework.backend import deepspeed_summary, num_machines
 from framework.nn.sharded import full_shape
@@ -284,40 +285,46 @@ def describe_start(model: dict[str, Any], batch: dict[str, Any], steps_per_epoch
 
 
 def start_tracking(accelerator: Accelerator, config: Any, flat_config: dict[str, Any], files: dict[str, str],
-                   pictures: dict[str, Any], step: int, resumed: bool) -> None:
+                   pictures: dict[str, Any], state: TrainState, backend: Any, batch: dict[str, Any], resumed: bool
+                   ) -> dict[str, Any] | None:
     """Write the run's `files` (name -> text: config.yaml, the inference files) to output_dir, start the trackers
-    with the resolved config (`flat_config`), then draw each picture to output_dir/NAME.png and log it."""
+    with the resolved config (`flat_config`), draw each picture to output_dir/NAME.png and log it, then print what
+    is trained, with what batch, for how long and where (`backend`: a `framework.backend.Backend`). Returns the
+    model's summary (None on the other processes)."""
     output_dir = Path(config.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         for name, text in files.items():
             (output_dir / name).write_text(text)
     init_kwargs = tracker_init_kwargs(config.output_dir, config.run_name, config.group, config.tags,
-                                      resume_step=step if resumed else None, rewind=config.wandb_rewind) \
+                                      resume_step=state.step if resumed else None, rewind=config.wandb_rewind) \
         if accelerator.is_main_process and config.tracker == "wandb" else {}  # only the main process runs W&B
     accelerator.init_trackers(config.project, config=flat_config, init_kwargs=init_kwargs)
-    if accelerator.is_main_process:
-        for name, draw in pictures.items():
-            path = output_dir / f"{name}.png"
-            draw(path)
-            log_picture(accelerator, name, path, step=step)
-
-
-def announce_start(accelerator: Accelerator, model: torch.nn.Module, backend: Any, batch: dict[str, Any],
-                   steps_per_epoch: int, max_steps: int, tracker: str, output_dir: Path) -> dict[str, Any] | None:
-    """On the main process, print what is trained, with what batch, for how long and where (`backend`: a
-    `framework.backend.Backend`); returns the model's summary (None on the other processes)."""
     if not accelerator.is_main_process:
         return None
-    summary = model_summary(model)
+    for name, draw in pictures.items():
+        path = output_dir / f"{name}.png"
+        draw(path)
+        log_picture(accelerator, name, path, step=state.step)
+    summary = model_summary(accelerator.unwrap_model(state.model))
     stage = f" ZeRO-{backend.deepspeed_stage}" if backend.deepspeed_stage is not None else ""
     kind = "one process" if backend.distributed_type == "NO" else backend.distributed_type
     precision = "fp32" if backend.mixed_precision == "no" else backend.mixed_precision
     where = f"{kind}{stage}, {backend.device_type}, {precision}"
-    print(describe_start(summary, batch, steps_per_epoch, max_steps, where))
-    if tracker == "tensorboard":
+    print(describe_start(summary, batch, state.steps_per_epoch, state.max_steps, where))
+    if config.tracker == "tensorboard":
         print(f"TensorBoard: tensorboard --logdir {output_dir}")
     return summary
+
+
+def log_validation(accelerator: Accelerator, state: TrainState, metrics: dict[str, float], epochs: float) -> None:
+    """Keep the validation `metrics` of this step in `state` (the summary's, a technique's), log them and print
+    them in one line (tqdm.write keeps the progress bar intact)."""
+    state.eval_metrics, state.eval_step = metrics, state.step
+    accelerator.log(metrics, step=state.step)
+    if accelerator.is_main_process:
+        tqdm.write(f"epoch {round(epochs, 2):g} step {state.step}: " + ", ".join(f"{k} {v:.4f}"
+                                                                               for k, v in metrics.items()))
 
 
 def log_train_step(accelerator: Accelerator, state: TrainState, window: LogWindow, progress: Any, epochs: float,

@@ -23,6 +23,7 @@ import ctypes
 import ctypes.util
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -228,12 +229,13 @@ class StreamingLoader(DataLoader):
                                                                  saved["position"])
 
 
-def batches_per_epoch(loader: DataLoader, max_steps: int | None, accumulation: int) -> int:
-    """Micro-batches per epoch on each rank: `len(loader)`, or for a stream of unknown length the whole run
-    (`max_steps` steps, the stream cycled through as often as needed). Refuses a run that would have no end."""
+def steps_per_epoch(loader: DataLoader, max_steps: int | None, accumulation: int) -> int:
+    """Optimizer steps per epoch: each rank's micro-batches (`len(loader)`, or for a stream of unknown length the
+    whole run: `max_steps` steps, the stream cycled through as often as needed) in groups of `accumulation`, the
+    last one possibly short. Refuses a run that would have no end."""
     if getattr(loader, "length", 0) is None:
         if max_steps is None:
             raise ConfigError("data.streaming: the stream's length is unknown (its row count is not recorded), so "
                               "an epoch has no end: pass --max_steps N to define the run by its steps.")
         loader.length = max_steps * accumulation
-    return len(loader)
+    return math.ceil(len(loader) / accumulation)
