@@ -59,7 +59,7 @@ import common  # noqa: F401  (threads and sys.path first)
 import numpy as np
 import scipy.stats
 import yaml
-from common import RESULTS, ROOT, launch, machine
+from common import RESULTS, ROOT, command_failed, launch, machine
 
 REGULARIZED = yaml.safe_load((ROOT / "recipes" / "configs" / "digits_regularized.yaml").read_text())
 BASELINE = "baseline"
@@ -327,8 +327,7 @@ def run_recipe(recipe: Path, arguments: list[str], launched: dict[str, str]) -> 
     done = subprocess.run(command, cwd=ROOT, env={**os.environ, **launched}, capture_output=True, text=True,
                           timeout=1800)
     if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n"
-                           f"{done.stderr[-6000:]}")
+        raise command_failed(command, done)
 
 
 def equal_time_partner(regime: Regime) -> str:

@@ -47,7 +47,7 @@ if str(ROOT / "tests") not in sys.path:
     sys.path.append(str(ROOT / "tests"))  # last: benchmarks/*.py names come first
 
 # One home for launching and resetting accelerate, shared with the tests (benchmarks import them from here).
-from helpers import launch, launch_command, reset_accelerate  # noqa: E402, F401
+from helpers import command_failed, launch, launch_command, reset_accelerate  # noqa: E402, F401
 
 
 class BenchmarkMismatch(AssertionError):

@@ -72,10 +72,15 @@ def launch(script: str | Path, *args: str, launch_config: str | Path = "cpu.yaml
                             timeout=timeout, start_new_session=True)
     if result.returncode != 0:
         if check:
-            raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
-                               f"{result.stderr[-6000:]}")
+            raise command_failed(command, result)
         print(result.stdout[-5000:], result.stderr[-10000:], sep="\n")
     return result
+
+
+def command_failed(command: list[str], result: subprocess.CompletedProcess) -> RuntimeError:
+    """The error for a command that exited non-zero, holding the ends of its output."""
+    return RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                        f"{result.stderr[-6000:]}")
 
 
 def load_recipe(name: str):
