@@ -89,9 +89,9 @@ def open_run_dir(accelerator: Accelerator, config: TrainerConfig, backend: Backe
 class Checkpoints:
     """The checkpoints a training run writes and reloads: the model, the optimizer, `state`, the state of the
     `techniques` that have some and the position of `train_data` where it restores its own (a stream: every rank's
-    position), at most one per step. Whether every rank's weights are finite (in each
-    checkpoint's marker) rides in the log line's one read, so a checkpoint written right after a log line (the last
-    step's, most epoch ends) needs no host sync of its own."""
+    position), at most one per step. Whether every rank's weights are finite (in each checkpoint's marker) rides in
+    the log line's one read, so a checkpoint written right after a log line (the last step's, most epoch ends) needs
+    no host sync of its own."""
 
     def __init__(self, accelerator: Accelerator, config: TrainerConfig, backend: Backend, state: TrainState,
                  techniques: list[Technique], train_data: Any):
