@@ -143,7 +143,7 @@ class Trainer:
         if self.resume_path is None:
             draw_schedule_at_start(self)
         self._call("fit_start")
-        self.checkpoints = Checkpoints(accelerator, config, self.backend, state, self.techniques, self.data["train"])
+        self.checkpoints = Checkpoints(accelerator, config, self.backend, state)
         if self.resume_path is not None:
             resume(accelerator, self.run, state, self.checkpoints, config.gradient_accumulation_steps)
         files = {"config.yaml": config_to_yaml(config),

@@ -30,7 +30,6 @@ from framework.checkpoint import (
 from framework.config import TrainerConfig, config_to_yaml, resume_changes
 from framework.optim import scale_learning_rates_
 from framework.state import TrainState
-from framework.technique import Technique
 from framework.tracking import drop_metrics_after
 
 
@@ -87,18 +86,16 @@ def open_run_dir(accelerator: Accelerator, config: TrainerConfig, backend: Backe
 
 
 class Checkpoints:
-    """The checkpoints a training run writes and reloads: the model, the optimizer, `state`, the state of the
-    `techniques` that have some and the position of `train_data` where it restores its own (a stream: every rank's
-    position), at most one per step. Whether every rank's weights are finite (in each checkpoint's marker) rides in
+    """The checkpoints a training run writes and reloads: the model, the optimizer, `state`, the state of its
+    techniques that have some and the position of its training data where that restores its own (a stream: every
+    rank's position), at most one per step. Whether every rank's weights are finite (in each checkpoint's marker) rides in
     the log line's one read, so a checkpoint written right after a log line (the last step's, most epoch ends) needs
     no host sync of its own."""
 
-    def __init__(self, accelerator: Accelerator, config: TrainerConfig, backend: Backend, state: TrainState,
-                 techniques: list[Technique], train_data: Any):
+    def __init__(self, accelerator: Accelerator, config: TrainerConfig, backend: Backend, state: TrainState):
         self.accelerator, self.config, self.backend, self.state = accelerator, config, backend, state
-        self.techniques = techniques
-        self.registered = [state, *[t for t in techniques if t.has_state],
-                           *([train_data] if getattr(train_data, "restores_position", False) else [])]
+        self.registered = [state, *[t for t in state.techniques if t.has_state],
+                           *([state.train_data] if getattr(state.train_data, "restores_position", False) else [])]
         accelerator.register_for_checkpointing(*self.registered)
         self.last_step = -1  # the step of the newest checkpoint this run wrote or loaded
         self._finite_at = (-1, True)  # (step, every rank's weights finite), read with that step's log line
@@ -126,7 +123,7 @@ class Checkpoints:
 
     def lr_schedulers(self) -> list[Any]:
         """The techniques' LR schedulers: a rollback or a changed LR on resume rescales them with the optimizer."""
-        return [s for t in self.techniques for s in t.lr_schedulers()]
+        return [s for t in self.state.techniques for s in t.lr_schedulers()]
 
     def roll_back(self, to: Path | None, lr_factor: float) -> Path | None:
         """`Trainer.rollback`: reload checkpoint `to` (default: the newest healthy one) and scale every learning

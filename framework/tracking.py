@@ -20,7 +20,7 @@ from accelerate.tracking import GeneralTracker
 from PIL import Image
 from tqdm.auto import tqdm
 
-from framework.backend import deepspeed_summary, num_machines
+from framework.backend import Backend, deepspeed_summary, num_machines
 from framework.nn.sharded import full_shape
 from framework.state import TrainState
 
@@ -285,12 +285,12 @@ def describe_start(model: dict[str, Any], batch: dict[str, Any], steps_per_epoch
 
 
 def start_tracking(accelerator: Accelerator, config: Any, flat_config: dict[str, Any], files: dict[str, str],
-                   pictures: dict[str, Any], state: TrainState, backend: Any, batch: dict[str, Any], resumed: bool
+                   pictures: dict[str, Any], state: TrainState, backend: Backend, batch: dict[str, Any], resumed: bool
                    ) -> dict[str, Any] | None:
     """Write the run's `files` (name -> text: config.yaml, the inference files) to output_dir, start the trackers
     with the resolved config (`flat_config`), draw each picture to output_dir/NAME.png and log it, then print what
-    is trained, with what batch, for how long and where (`backend`: a `framework.backend.Backend`). Returns the
-    model's summary (None on the other processes)."""
+    is trained, with what batch, for how long and where (on `backend`). Returns the model's summary (None on the
+    other processes)."""
     output_dir = Path(config.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
